@@ -1,0 +1,18 @@
+"""MIGU and the sharding backends."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from migu_dist.backend import Backend
+    from train.config import Config
+
+
+def build_backend(cfg: Config) -> Backend:
+    """The backend named by ``engine.backend`` (imported lazily: each pulls in its stack)."""
+    if cfg.engine.backend == "deepspeed":
+        from migu_dist.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg)
+    raise ValueError(f"engine.backend={cfg.engine.backend!r} is not available")

@@ -1,0 +1,102 @@
+"""The one seam between the training loop and a sharding backend.
+
+The loop calls only these methods; it never imports deepspeed or FSDP. A backend owns the
+wrapped model, the optimizer, the LR schedule and the checkpoint format of its shards.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GradFragment:
+    """This rank's part of one parameter's reduced gradient.
+
+    Covers flat elements ``[param_start, param_start + numel)`` of the row-major parameter.
+    ``get()`` returns a flat tensor of at least ``numel`` elements (a view where the backend
+    allows, else a copy); ``set(t)`` writes it back. ``hp`` locates the same elements in the
+    optimizer's fp32 master tensor, ``(tensor, offset)``, for freezing rows in the step.
+    """
+
+    param_start: int
+    numel: int
+    get: Callable[[], torch.Tensor]
+    set: Callable[[torch.Tensor], None]
+    hp: tuple[torch.Tensor, int] | None = None
+
+
+class Backend(abc.ABC):
+    """Set up, forward/backward, the pre-step hook where MIGU acts, step, save/load."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def init_context(self) -> ContextManager:
+        """Context in which to construct the model (e.g. sharded construction)."""
+        return contextlib.nullcontext()
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @abc.abstractmethod
+    def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
+        """Wrap/shard the model and build the optimizer and LR schedule."""
+
+    @property
+    @abc.abstractmethod
+    def module(self) -> nn.Module:
+        """The callable model (wrapped); use for training and evaluation forwards."""
+
+    @abc.abstractmethod
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: forward, loss, backward (scaled for accumulation). Returns the
+        unscaled mean token loss (detached)."""
+
+    @abc.abstractmethod
+    def grad_fragments(self, param: nn.Parameter) -> Iterator[GradFragment]:
+        """This rank's fragments of ``param``'s reduced gradient; valid between the last
+        backward of a step and ``step()``."""
+
+    @abc.abstractmethod
+    def freeze_elements(self, frag: GradFragment, frozen: torch.Tensor) -> None:
+        """Leave ``frozen`` (bool, (numel,)) elements of this fragment untouched by the next
+        optimizer step: weight, moments and weight decay."""
+
+    @abc.abstractmethod
+    def step(self) -> dict[str, float]:
+        """Clip, optimizer step, LR schedule step, zero grads. Returns grad_norm and lr."""
+
+    @abc.abstractmethod
+    def skip_step(self) -> None:
+        """Drop this step's gradients without updating (non-finite loss)."""
+
+    @abc.abstractmethod
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        """Write this rank's shards (collective) plus ``client_state``."""
+
+    @abc.abstractmethod
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        """Restore shards, optimizer and schedule; returns the saved ``client_state``."""
+
+    @abc.abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU, on rank 0 (others may get {}). Collective."""
+
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t

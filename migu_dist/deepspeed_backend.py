@@ -1,0 +1,249 @@
+"""DeepSpeed backend: ZeRO stages 0-3, the DeepSpeed JSON generated from the project config.
+
+MIGU acts between the last backward of a step and ``engine.step()``, on each rank's own
+partition of every masked weight's reduced gradient:
+- ZeRO-3: ``safe_get_local_grad``/``safe_set_local_grad``; rank r owns flat elements
+  ``[r * partition_numel, (r + 1) * partition_numel)`` of each parameter (the last rank's
+  tail is padding).
+- ZeRO-1/2 (and the bf16 optimizer): the parameter's ``_hp_mapping`` fragment on this rank.
+- ZeRO-0 in fp32: ``param.grad`` itself, which every rank holds whole anyway.
+Clipping, the optimizer step and the LR schedule then run inside ``engine.step()`` on the
+masked gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, ContextManager
+
+import deepspeed
+import torch
+from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from migu_dist.backend import Backend, GradFragment
+from migu_dist.optim import FreezableAdamW
+from train.config import Config
+
+# Norms, biases and embeddings: no weight decay (the usual Llama recipe).
+_NO_DECAY = ("norm", "bias", "embed_tokens")
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.engine.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.engine.precision == "bf16"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run (the user's own file, if given, with our batch,
+    clipping and precision keys written over it; optimizer/scheduler come from us)."""
+    ds: dict[str, Any] = {}
+    if cfg.engine.deepspeed_config:
+        with open(cfg.engine.deepspeed_config) as f:
+            ds = json.load(f)
+        ds.pop("optimizer", None)
+        ds.pop("scheduler", None)
+    t = cfg.train
+    ds.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        train_batch_size=cfg.global_batch(world_size),
+        gradient_clipping=cfg.optim.grad_clip,
+        steps_per_print=10**9,
+        zero_allow_untested_optimizer=True,
+        wall_clock_breakdown=False,
+    )
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.engine.zero_stage
+    if cfg.engine.zero_stage == 3:
+        # Small tensors stay whole on every rank below this many elements; 0 so that every
+        # weight is partitioned, which is what MIGU's shard-local masking is tested against.
+        zero.setdefault("stage3_param_persistence_threshold", 0)
+    bf16 = use_bf16(cfg)
+    ds["bf16"] = {"enabled": bf16}
+    if bf16:
+        # fp32 gradient accumulation keeps MIGU's masked gradients and the norm exact.
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    return ds
+
+
+class DeepSpeedBackend(Backend):
+    """ZeRO 0-3 through ``deepspeed.initialize``."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(
+                timeout=timedelta(minutes=cfg.engine.dist_timeout_minutes),
+            )
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        self.ds_config = deepspeed_config(cfg, self.world_size)
+        self.engine = None
+        self.optimizer: FreezableAdamW | None = None
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if use_bf16(self.cfg) else torch.float32
+
+    def init_context(self) -> ContextManager:
+        if self.cfg.engine.zero_stage == 3:
+            # Partition each parameter as it is created: a 7B model never exists whole.
+            return deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=self.param_dtype)
+        return super().init_context()
+
+    def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        opt = FreezableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        sched = LambdaLR(opt, lr_lambda)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config
+        )
+        self.optimizer = opt
+        self._micro = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine
+
+    @property
+    def zero_stage(self) -> int:
+        return self.cfg.engine.zero_stage
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+        out = self.engine(**batch)
+        self.engine.backward(out.loss)
+        self._micro += 1
+        if self._micro < self.cfg.train.grad_accum:
+            # Not the boundary: DeepSpeed only advances its micro-step counter here.
+            self.engine.step()
+        return out.loss.detach()
+
+    # ---------------------------------------------------------------- MIGU access
+
+    def grad_fragments(self, param: nn.Parameter) -> Iterator[GradFragment]:
+        if hasattr(param, "ds_id"):  # ZeRO-3
+            opt = param._z3_optimizer
+            part = param.partition_numel()
+            rank = opt._get_param_partition_rank(param)
+            start = rank * part
+            numel = max(0, min(part, param.ds_numel - start))
+            if numel == 0:
+                return
+            group_idx, dest, _ = opt.grad_position[opt.get_param_id(param)]
+            hp = opt.fp32_partitioned_groups_flat[group_idx]
+            yield GradFragment(
+                param_start=start,
+                numel=numel,
+                get=lambda: safe_get_local_grad(param).view(-1),
+                set=lambda t: safe_set_local_grad(param, t),
+                hp=(hp, dest),
+            )
+        elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
+            m = param._hp_mapping
+            lp = m.lp_fragment_address
+            hp_tensor = self.engine.optimizer.single_partition_of_fp32_groups[m.param_group_index]
+
+            def get() -> torch.Tensor:
+                g = m.get_lp_grad_fragment(param._index_in_param_group).view(-1)
+                if g.numel() == param.numel():  # a full buffer: take only our fragment
+                    g = g.narrow(0, lp.start, lp.numel)
+                return g
+
+            def set_(t: torch.Tensor) -> None:
+                g = get()
+                if g.data_ptr() != t.data_ptr():
+                    g.copy_(t[: g.numel()])
+
+            yield GradFragment(
+                param_start=lp.start,
+                numel=lp.numel,
+                get=get,
+                set=set_,
+                hp=(hp_tensor, m.hp_fragment_address.start),
+            )
+        elif param.grad is not None:  # ZeRO-0 fp32: the optimizer's tensor is the param
+            yield GradFragment(
+                param_start=0,
+                numel=param.numel(),
+                get=lambda: param.grad.view(-1),
+                set=lambda t: None,
+                hp=(param, 0),
+            )
+
+    def freeze_elements(self, frag: GradFragment, frozen: torch.Tensor) -> None:
+        assert frag.hp is not None and self.optimizer is not None
+        tensor, offset = frag.hp
+        self.optimizer.freeze(tensor, offset, frozen)
+
+    # ---------------------------------------------------------------- step
+
+    def step(self) -> dict[str, float]:
+        self.engine.step()
+        self._micro = 0
+        norm = self.engine.get_global_grad_norm()
+        return {
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def skip_step(self) -> None:
+        # Zero every gradient we own and freeze every optimizer element, then let DeepSpeed
+        # run its step: weights and moments stay bit-identical, counters stay consistent.
+        for p in self.engine.module.parameters():
+            for frag in self.grad_fragments(p):
+                g = frag.get()
+                g.zero_()
+                frag.set(g)
+        for group in self.optimizer.param_groups:
+            for t in group["params"]:
+                self.optimizer.freeze(
+                    t, 0, torch.ones(t.numel(), dtype=torch.bool, device=t.device)
+                )
+        self.engine.step()
+        self._micro = 0
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(
+            directory, tag=tag, client_state=client_state, save_latest=False
+        )
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {directory}")
+        return client_state or {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.cfg.engine.zero_stage == 3:
+            sd = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            sd = self.engine.module.state_dict()
+        if self.rank != 0 or sd is None:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}

@@ -1,0 +1,278 @@
+"""MIGU: Magnitude-based Gradient Updating (Du et al. 2024), on sharded gradients.
+
+During each optimizer step only the output rows of each selected ``nn.Linear`` whose outputs
+had the largest L1 magnitude on the current batch keep their gradient.
+
+Per step:
+1. A forward hook on every selected linear adds, per output unit, sum_tokens |y| (fp32) over
+   every micro-batch of the step. Skipped in eval mode, under no_grad, and while autograd
+   recomputes a checkpointed block in backward (so activation checkpointing does not count
+   a micro-batch twice). Positions where ``token_mask`` is 0 (padding) are excluded.
+2. At the accumulation boundary the per-layer vectors are concatenated and all-reduced once
+   (mean over data-parallel ranks), so every rank derives the same mask.
+3. Per layer, the top ``k = ceil(keep_ratio * rows)`` rows are kept. Ties are broken by row
+   index (lower index wins): a stable descending sort, no randomness.
+4. Each rank masks only the gradient elements it owns (a :class:`GradFragment` from the
+   backend: a flat range of the row-major weight), mapping flat index -> row
+   (``row = flat // in_features``); a row that straddles two ranks' partitions is masked by
+   both, each on its own part. No full gradient is ever gathered.
+
+``normalize: l1_token`` divides each token's |y| by its L1 norm over the layer's units before
+summing, so that every token weighs the same; with ``none`` (the reference code), tokens with
+large activations dominate. A per-layer rescaling (the paper's L1 normalisation of the summed
+vector) would not change which rows are kept, so it is not offered separately.
+
+``mode: grad`` masks gradients only: AdamW momentum and decoupled weight decay still move
+masked rows (the reference behaviour). ``mode: update`` also freezes masked rows inside the
+optimizer for that step (moments and weight untouched): over a long continual pre-training
+run, momentum from earlier domains otherwise keeps moving rows that the current domain does
+not use, which is exactly the drift MIGU tries to prevent.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.config import MiguConfig
+
+if TYPE_CHECKING:
+    from migu_dist.backend import Backend
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. recomputing a checkpointed block)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def topk_row_mask(stat: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """(rows,) magnitudes -> (rows,) bool keep mask of the top ceil(keep_ratio*rows) rows.
+
+    Ties go to the lower row index (stable sort), so the result is deterministic.
+    """
+    rows = stat.numel()
+    k = min(rows, max(1, math.ceil(keep_ratio * rows - 1e-9)))
+    order = torch.sort(stat, descending=True, stable=True).indices
+    keep = torch.zeros(rows, dtype=torch.bool, device=stat.device)
+    keep[order[:k]] = True
+    return keep
+
+
+def row_mask_for_range(keep: torch.Tensor, start: int, numel: int, cols: int) -> torch.Tensor:
+    """The (numel,) element mask of flat range [start, start+numel) of a (rows, cols) weight.
+
+    Only the rows the range touches are expanded, so the cost is O(numel + 2*cols).
+    """
+    first = start // cols
+    last = (start + numel - 1) // cols
+    expanded = keep[first : last + 1].repeat_interleave(cols)  # ((last-first+1)*cols,)
+    offset = start - first * cols
+    return expanded[offset : offset + numel]
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Linear
+    stat: torch.Tensor  # (out_features,) fp32 sum of |y| over this step's tokens
+    kind: str  # e.g. "q_proj", for per-type telemetry
+    keep: torch.Tensor | None = None  # (out_features,) bool, the last step's mask
+    domain_sum: torch.Tensor | None = None  # running sum of keep over the current domain
+    handle: object = field(default=None, repr=False)
+
+
+class Migu:
+    """Collects output magnitudes and masks gradient rows before each optimizer step.
+
+    Usage per optimizer step: forward/backward every micro-batch (the hooks collect),
+    then ``apply(backend, step, phase)`` between the last backward and ``backend.step()``,
+    which returns telemetry, then ``reset()``.
+    """
+
+    def __init__(self, cfg: MiguConfig, model: nn.Module, *, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.layers: list[_Layer] = []
+        self.token_mask: torch.Tensor | None = None  # (B, T) 1 = count this position
+        self.collecting = True
+        self.prev_domain_keep: dict[str, torch.Tensor] = {}  # layer -> mean mask of last domain
+        self._domain_steps = 0
+        inc = [re.compile(r) for r in cfg.include]
+        exc = [re.compile(r) for r in cfg.exclude]
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if not any(r.search(name) for r in inc) or any(r.search(name) for r in exc):
+                continue
+            layer = _Layer(
+                name=name,
+                module=mod,
+                stat=torch.zeros(mod.out_features, dtype=torch.float32),
+                kind=name.rsplit(".", 1)[-1],
+            )
+            layer.handle = mod.register_forward_hook(self._make_hook(layer))
+            self.layers.append(layer)
+        if not self.layers:
+            raise ValueError(
+                f"migu.include {cfg.include} matched no nn.Linear module; check the regexes "
+                "against model.named_modules()."
+            )
+
+    # ---------------------------------------------------------------- statistics
+
+    def _make_hook(self, layer: _Layer):
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            if not (self.collecting and module.training and torch.is_grad_enabled()):
+                return
+            if _in_backward():
+                return
+            with torch.no_grad():
+                y = output.detach()
+                if self.cfg.normalize == "l1_token":
+                    a = y.abs().float()  # (B, T, d_out)
+                    a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+                else:
+                    a = None
+                if self.token_mask is not None:
+                    w = self.token_mask.to(device=y.device, dtype=torch.float32)  # (B, T)
+                    a = a if a is not None else y.abs().float()
+                    s = torch.einsum("bt,bto->o", w, a)  # (d_out,)
+                elif a is not None:
+                    s = a.reshape(-1, a.shape[-1]).sum(0)
+                else:
+                    # One fp32-accumulating reduction over all tokens: (B, T, d_out) -> (d_out,)
+                    s = torch.linalg.vector_norm(
+                        y.reshape(-1, y.shape[-1]), ord=1, dim=0, dtype=torch.float32
+                    )
+                if layer.stat.device != s.device:
+                    layer.stat = layer.stat.to(s.device)
+                layer.stat += s
+
+        return hook
+
+    def reset(self) -> None:
+        """Start a new optimizer step's statistics."""
+        for layer in self.layers:
+            layer.stat.zero_()
+
+    def remove(self) -> None:
+        """Detach the hooks (only ours; the module's other hooks are untouched)."""
+        for layer in self.layers:
+            layer.handle.remove()
+
+    # ---------------------------------------------------------------- masking
+
+    def active(self, step: int, phase: str | None) -> bool:
+        """Whether masking applies at this optimizer step (0-based) in this phase."""
+        if not self.cfg.enabled or step < self.cfg.start_step:
+            return False
+        return self.cfg.phases is None or phase in self.cfg.phases
+
+    def compute_masks(self, step: int) -> list[torch.Tensor]:
+        """All-reduce the statistics once (fused) and derive every layer's keep mask."""
+        flat = torch.cat([layer.stat for layer in self.layers])  # (sum of d_out,)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        masks = []
+        offset = 0
+        gen = None
+        if self.cfg.selection == "random":
+            # Same seed on every rank -> the same random mask everywhere.
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        for layer in self.layers:
+            n = layer.stat.numel()
+            stat = flat[offset : offset + n]
+            offset += n
+            if gen is not None:
+                stat = torch.rand(n, generator=gen).to(stat.device)
+            masks.append(topk_row_mask(stat, self.cfg.keep_ratio))
+        return masks
+
+    def apply(self, backend: Backend, step: int, phase: str | None) -> dict[str, float]:
+        """Mask this rank's gradient fragments; returns telemetry for the step's metrics."""
+        masks = self.compute_masks(step)
+        freeze = self.cfg.mode == "update"
+        for layer, keep in zip(self.layers, masks):
+            weight = layer.module.weight
+            cols = layer.module.in_features
+            for frag in backend.grad_fragments(weight):
+                grad = frag.get()  # (>= numel,) flat, this rank's part
+                elem = row_mask_for_range(keep, frag.param_start, frag.numel, cols)
+                grad[: frag.numel].mul_(elem.to(grad.dtype))
+                frag.set(grad)
+                if freeze:
+                    backend.freeze_elements(frag, ~elem)
+        return self._telemetry(masks)
+
+    # ---------------------------------------------------------------- telemetry & state
+
+    def _telemetry(self, masks: list[torch.Tensor]) -> dict[str, float]:
+        kept = sum(int(m.sum()) for m in masks)
+        total = sum(m.numel() for m in masks)
+        out: dict[str, float] = {"migu/kept_frac": kept / total}
+        by_kind: dict[str, list[int]] = {}
+        jac_prev, jac_dom = [], []
+        for layer, keep in zip(self.layers, masks):
+            k = by_kind.setdefault(layer.kind, [0, 0])
+            k[0] += int(keep.sum())
+            k[1] += keep.numel()
+            keep_cpu = keep.cpu()
+            if layer.keep is not None:
+                jac_prev.append(_jaccard(layer.keep, keep_cpu))
+            if layer.name in self.prev_domain_keep:
+                # Mean mask of the previous domain, thresholded at its own top-k.
+                ref = topk_row_mask(self.prev_domain_keep[layer.name], self.cfg.keep_ratio)
+                jac_dom.append(_jaccard(ref, keep_cpu))
+            layer.keep = keep_cpu
+            ds = keep_cpu.float()
+            layer.domain_sum = ds if layer.domain_sum is None else layer.domain_sum + ds
+        self._domain_steps += 1
+        for kind, (a, b) in sorted(by_kind.items()):
+            out[f"migu/kept_frac/{kind}"] = a / b
+        if jac_prev:
+            out["migu/jaccard_prev_step"] = sum(jac_prev) / len(jac_prev)
+        if jac_dom:
+            out["migu/jaccard_prev_domain"] = sum(jac_dom) / len(jac_dom)
+        return out
+
+    def end_domain(self) -> None:
+        """Called at a phase boundary: the current domain's mean mask becomes the reference."""
+        if self._domain_steps == 0:
+            return
+        self.prev_domain_keep = {
+            layer.name: layer.domain_sum / self._domain_steps
+            for layer in self.layers
+            if layer.domain_sum is not None
+        }
+        for layer in self.layers:
+            layer.domain_sum = None
+        self._domain_steps = 0
+
+    def state_dict(self) -> dict:
+        """What matters across steps: masks and domain summaries (identical on every rank)."""
+        return {
+            "prev_domain_keep": {k: v.cpu() for k, v in self.prev_domain_keep.items()},
+            "last_keep": {x.name: x.keep for x in self.layers if x.keep is not None},
+            "domain_sum": {x.name: x.domain_sum for x in self.layers if x.domain_sum is not None},
+            "domain_steps": self._domain_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prev_domain_keep = dict(state.get("prev_domain_keep", {}))
+        self._domain_steps = int(state.get("domain_steps", 0))
+        for layer in self.layers:
+            layer.keep = state.get("last_keep", {}).get(layer.name)
+            layer.domain_sum = state.get("domain_sum", {}).get(layer.name)
+
+
+def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    inter = int((a & b).sum())
+    union = int((a | b).sum())
+    return inter / union if union else 1.0

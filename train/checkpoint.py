@@ -1,0 +1,218 @@
+"""Step-numbered sharded checkpoints with a manifest and an atomic ``latest`` pointer.
+
+Layout of ``<output_dir>/checkpoints/``::
+
+    step_00000040/            the backend's shards (DeepSpeed: one file set per rank)
+        trainer_state.json    step, phase, tokens, wandb id, world size (rank 0)
+        rank_00000.pt ...     per-rank state: RNG of every generator, data-loader state
+        manifest.json         every file with its size and CRC32; written last
+    latest                    "step_00000040", replaced atomically after every rank is done
+    pinned                    tags kept forever (phase boundaries)
+
+A checkpoint is complete only once its manifest exists and every file matches it, so a crash
+or a full disk during a save leaves an incomplete directory that load skips (falling back to
+the previous complete one) and the next save replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from migu_dist.backend import Backend
+
+MANIFEST = "manifest.json"
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """Save, validate, rotate and load checkpoints of a run."""
+
+    def __init__(self, root: str | Path, backend: Backend, keep_last: int = 2):
+        self.root = Path(root)
+        self.backend = backend
+        self.keep_last = keep_last
+        self.rank = backend.rank
+        self.world = backend.world_size
+
+    # ---------------------------------------------------------------- save
+
+    def save(
+        self, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], pinned: bool
+    ) -> bool:
+        """Collective. Returns False (and keeps every earlier checkpoint) if the save failed."""
+        tag = tag_for(step)
+        d = self.root / tag
+        ok = True
+        try:
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if d.exists():  # an earlier, incomplete attempt at this step
+                    shutil.rmtree(d)
+            _barrier()
+            self.backend.save(str(self.root), tag, client_state={})
+            torch.save(rank_state, d / f"rank_{self.rank:05d}.pt")
+            if self.rank == 0:
+                state = dict(trainer_state, world_size=self.world, tag=tag)
+                _atomic_write(d / "trainer_state.json", json.dumps(state, indent=1))
+        except OSError as e:  # e.g. a full disk: this save fails, earlier ones stay
+            print(f"[rank {self.rank}] checkpoint {tag} failed: {e}", flush=True)
+            ok = False
+        ok = all(_all_gather_objects(ok))
+        if ok:
+            ok = self._write_manifest(d)
+        if not ok:
+            if self.rank == 0:
+                shutil.rmtree(d, ignore_errors=True)
+            _barrier()
+            return False
+        if self.rank == 0:
+            if pinned:
+                pins = self.pinned() | {tag}
+                _atomic_write(self.root / "pinned", "\n".join(sorted(pins)) + "\n")
+            _atomic_write(self.root / "latest", tag)
+            self._rotate()
+        _barrier()
+        return True
+
+    def _write_manifest(self, d: Path) -> bool:
+        # Every rank checksums a share of the files, in parallel; rank 0 writes the manifest.
+        _barrier()
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+        mine = {}
+        try:
+            for i, p in enumerate(files):
+                if i % self.world == self.rank:
+                    mine[str(p.relative_to(d))] = {"size": p.stat().st_size, "crc32": _crc32(p)}
+        except OSError:
+            mine = None
+        parts = _all_gather_objects(mine)
+        if any(p is None for p in parts):
+            return False
+        ok = True
+        if self.rank == 0:
+            entries: dict[str, Any] = {}
+            for part in parts:
+                entries.update(part)
+            try:
+                _atomic_write(d / MANIFEST, json.dumps({"files": entries}, indent=1))
+            except OSError as e:
+                print(f"checkpoint manifest failed: {e}", flush=True)
+                ok = False
+        return all(_all_gather_objects(ok))
+
+    def pinned(self) -> set[str]:
+        p = self.root / "pinned"
+        return set(p.read_text().split()) if p.exists() else set()
+
+    def _rotate(self) -> None:
+        pins = self.pinned()
+        tags = [t for t in self.complete_tags() if t not in pins]
+        for old in tags[: -self.keep_last]:
+            shutil.rmtree(self.root / old, ignore_errors=True)
+
+    # ---------------------------------------------------------------- validate & load
+
+    def complete_tags(self) -> list[str]:
+        """Tags that have a manifest, oldest first (not yet checksummed)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.glob("step_*") if (p / MANIFEST).is_file() and p.is_dir()
+        )
+
+    @staticmethod
+    def verify(d: Path) -> str | None:
+        """None if every file of the checkpoint matches its manifest, else the problem."""
+        try:
+            manifest = json.loads((d / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"unreadable manifest ({e})"
+        for rel, meta in manifest.items():
+            p = d / rel
+            if not p.is_file():
+                return f"missing file {rel}"
+            if p.stat().st_size != meta["size"]:
+                return f"{rel}: size {p.stat().st_size} != {meta['size']} (truncated?)"
+            if _crc32(p) != meta["crc32"]:
+                return f"{rel}: checksum mismatch (corrupt)"
+        return None
+
+    def find_latest_good(self) -> str | None:
+        """The newest checkpoint that verifies, starting from ``latest``; warns on fallback."""
+        candidates = self.complete_tags()
+        latest = self.root / "latest"
+        if latest.is_file():
+            pointed = latest.read_text().strip()
+            candidates = [t for t in candidates if t <= pointed]
+        for tag in reversed(candidates):
+            problem = self.verify(self.root / tag)
+            if problem is None:
+                return tag
+            if self.rank == 0:
+                print(
+                    f"WARNING: checkpoint {tag} is damaged ({problem}); falling back to the "
+                    "previous one.",
+                    flush=True,
+                )
+        return None
+
+    def load(self, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore the backend and return (trainer_state, this rank's state). Collective."""
+        d = self.root / tag
+        state = json.loads((d / "trainer_state.json").read_text())
+        if state["world_size"] != self.world:
+            raise CheckpointError(
+                f"checkpoint {d} was written by {state['world_size']} ranks, this job has "
+                f"{self.world}. ZeRO shards are tied to the rank count: resume with "
+                f"{state['world_size']} ranks, or export the weights "
+                f"(python launch/export_hf.py --checkpoint {d} --out DIR) and start a new run "
+                "with model.init_from=DIR (optimizer state and data position start fresh)."
+            )
+        self.backend.load(str(self.root), tag)
+        rank_state = torch.load(d / f"rank_{self.rank:05d}.pt", weights_only=False)
+        return state, rank_state

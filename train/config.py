@@ -1,0 +1,596 @@
+"""Typed run configuration: defaults here, YAML overrides them, dotted CLI overrides last.
+
+Every field is documented where it is declared. ``load_config`` validates the whole tree
+and raises one :class:`ConfigError` listing every problem (unknown key, wrong type,
+impossible value, batch/world-size arithmetic), each naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+# --------------------------------------------------------------------------------------
+# The config tree
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama model, or a Hugging Face directory to start from."""
+
+    init_from: str | None = None
+    """Local Hugging Face Llama directory (config + weights) to initialise from. Weights only:
+    optimizer, data position and step start fresh. When set, the shape fields below are
+    ignored and read from that directory's config.json."""
+    vocab_size: int = 32000
+    """Vocabulary size; must cover the tokenizer's ids."""
+    hidden_size: int = 64
+    """Model width d_model."""
+    intermediate_size: int = 176
+    """Width of the SwiGLU MLP."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; must divide hidden_size."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means num_heads (multi-head)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the rotary embedding is set up for."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding with the LM head (Llama-2 does not)."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel. auto: flash_attention_2 when flash-attn imports and a GPU is present,
+    else sdpa."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory (MIGU statistics are
+    collected once per micro-batch, not again during recompute)."""
+    init_std: float = 0.02
+    """Standard deviation of the random initialisation (models built from shape only)."""
+
+
+@dataclass
+class TrainConfig:
+    """Batch sizes, step budget and seeding."""
+
+    max_steps: int = 100
+    """Optimizer steps to run in total (across all phases). Phases with a token budget end
+    earlier or later than this; training stops at whichever comes first."""
+    seed: int = 1234
+    """Seed for model init, data mixture and every rank's RNG."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks. If set it must equal
+    micro_batch_size * grad_accum * world_size; None derives it."""
+    seq_len: int = 128
+    """Tokens per packed training sequence."""
+    nonfinite_loss: Literal["skip", "stop"] = "skip"
+    """What to do when the loss is NaN/inf: skip the step (no update) or stop the run with the
+    last good checkpoint intact."""
+    max_skipped_steps: int = 10
+    """With nonfinite_loss: skip, stop after this many consecutive skipped steps."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine/linear/wsd)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of AdamW (not applied to norms and biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """Decay after warmup. wsd: warmup-stable-decay, constant until the last decay_fraction of
+    the steps, then linear to min_lr."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of the steps spent decaying."""
+
+
+@dataclass
+class EngineConfig:
+    """The sharding backend."""
+
+    backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    """Which backend trains the model. fsdp2 is not implemented yet."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage, 0-3. Stage 3 shards parameters, gradients and optimizer state."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    deepspeed_config: str | None = None
+    """Path to your own DeepSpeed JSON. Its batch sizes, optimizer and scheduler keys are
+    overwritten from this config so that the two never disagree."""
+    dist_timeout_minutes: int = 30
+    """Timeout of collective operations."""
+
+
+@dataclass
+class MiguConfig:
+    """Magnitude-based Gradient Updating (Du et al. 2024)."""
+
+    enabled: bool = False
+    """Mask gradient rows by output magnitude."""
+    keep_ratio: float = 0.3
+    """Fraction of output rows of each masked linear layer that keep their gradient
+    (reference code: 0.3, i.e. it masks the lowest 70%)."""
+    mode: Literal["grad", "update"] = "grad"
+    """grad: mask gradients only (AdamW moments and weight decay still move masked rows, as in
+    the reference code). update: masked rows do not move at all in that step."""
+    normalize: Literal["none", "l1_token"] = "none"
+    """none: per-unit sum of |y| over tokens (reference code). l1_token: each token's |y| is
+    divided by its L1 norm over units first, so every token weighs the same."""
+    include: list[str] = field(
+        default_factory=lambda: [r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$"]
+    )
+    """Regexes (re.search on module names) of nn.Linear modules to mask; default all linear
+    layers of the transformer blocks. Add 'lm_head$' to mask the output head too."""
+    exclude: list[str] = field(default_factory=list)
+    """Regexes of module names never masked, applied after include."""
+    start_step: int = 0
+    """Optimizer steps before masking starts (statistics are still not collected before)."""
+    phases: list[str] | None = None
+    """Names of data phases in which masking is on; None means every phase. The reference
+    leaves the first task unmasked: list all phases but the first to match it."""
+    selection: Literal["magnitude", "random"] = "magnitude"
+    """magnitude: the method. random: the paper's ablation, a random mask with the same ratio."""
+
+
+@dataclass
+class DomainConfig:
+    """One text domain: where its documents are."""
+
+    train: list[str] = field(default_factory=list)
+    """Globs of training files (.jsonl, .json, .parquet, .txt, optionally .gz/.zst)."""
+    heldout: list[str] = field(default_factory=list)
+    """Globs of held-out files for perplexity evaluation."""
+    text_field: str = "text"
+    """Field holding the document text (JSON/Parquet)."""
+
+
+@dataclass
+class PhaseConfig:
+    """One ordered phase of continual pre-training."""
+
+    name: str = ""
+    """Phase name, logged with every step."""
+    domains: dict[str, float] = field(default_factory=dict)
+    """Domain name -> mixture weight (normalised within the phase)."""
+    tokens: int | None = None
+    """Token budget of the phase (rounded up to whole steps). Exactly one of tokens/steps."""
+    steps: int | None = None
+    """Step budget of the phase."""
+    replay: float = 0.0
+    """Share of each batch drawn from earlier phases' domains (uniformly over them)."""
+    lr_at_start: Literal["continue", "rewarm"] = "continue"
+    """continue: one schedule over the whole run. rewarm: warm up and decay again over this
+    phase's steps."""
+
+
+@dataclass
+class DataConfig:
+    """Tokenizer, domains and the ordered phases."""
+
+    tokenizer: str = "data/tokenizer"
+    """SentencePiece .model file or a Hugging Face tokenizer directory."""
+    domains: dict[str, DomainConfig] = field(default_factory=dict)
+    """Named domains."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Phases in training order."""
+    num_workers: int = 0
+    """Background tokenisation workers per rank (0: in the training process)."""
+    document_position_ids: bool = False
+    """Restart position ids at each document inside a packed sequence."""
+    add_bos: bool = True
+    """Prepend BOS to each document."""
+    add_eos: bool = True
+    """Append EOS to each document."""
+
+
+@dataclass
+class TaskConfig:
+    """A downstream multiple-choice task from a local JSONL file."""
+
+    name: str = ""
+    """Task name used in logs and reports."""
+    path: str = ""
+    """JSONL with {"context": str, "choices": [str], "gold": int} per line."""
+    fewshot_path: str | None = None
+    """JSONL of the same schema to draw few-shot examples from."""
+    num_fewshot: int = 0
+    """Few-shot examples prepended to each context."""
+    limit: int | None = None
+    """Use only the first N examples."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluations inside the job."""
+
+    every_steps: int = 0
+    """Evaluate every N optimizer steps; 0 only at phase ends."""
+    at_phase_end: bool = True
+    """Evaluate at every phase boundary (needed for the continual-learning report)."""
+    heldout_tokens: int = 4096
+    """Held-out tokens per domain for perplexity; the same tokens every time."""
+    batch_size: int = 4
+    """Sequences per rank per evaluation forward."""
+    tasks: list[TaskConfig] = field(default_factory=list)
+    """Downstream tasks."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints and resume."""
+
+    every_steps: int = 0
+    """Save every N optimizer steps; 0 only at phase ends and on exit signals."""
+    at_phase_end: bool = True
+    """Save at every phase boundary (such checkpoints are pinned: never rotated)."""
+    keep_last: int = 2
+    """Unpinned checkpoints to keep."""
+    export_hf_at_phase_end: bool = False
+    """Also write a Hugging Face directory at each phase boundary."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics, progress bar and Weights & Biases."""
+
+    wandb: bool = True
+    """Log to wandb (offline mode automatically when no API key is configured)."""
+    wandb_project: str = "migu-cpt"
+    """wandb project name."""
+    wandb_run_name: str | None = None
+    """wandb run name; None uses the output directory's name."""
+    log_every: int = 1
+    """Write a metrics row every N steps."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, evals.jsonl, cl_report.json, checkpoints/."""
+    resume: str = "auto"
+    """auto: resume from output_dir/checkpoints if it holds one; never: start fresh (refuses a
+    non-empty checkpoints dir); or a path to a checkpoint directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    migu: MiguConfig = field(default_factory=MiguConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.train.micro_batch_size * self.train.grad_accum * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with every type problem collected
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """Convert ``value`` to type ``tp``; on mismatch record a problem and return None."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(value, inner[0], key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {list(args)}; pick one of those.")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}.")
+            return tp()
+        return _build(tp, value, key, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {value!r}; write it as [a, b, ...].")
+            return []
+        return [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {value!r}.")
+            return {}
+        return {str(k): _convert(v, args[1], f"{key}.{k}", problems) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}.")
+            return None
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            close = [n for n in names if n.startswith(str(key)[:3])]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{where}: unknown key.{hint} Known keys: {sorted(names)}.")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            where = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], where, problems)
+    obj = cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
+    return obj
+
+
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``["train.max_steps=20", ...]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected key=value, e.g. train.max_steps=20.")
+            continue
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree, problems
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, world_size: int = 1
+) -> Config:
+    """Defaults < YAML file < dotted overrides; validated for ``world_size`` ranks."""
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"--config {path}: file not found."]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"--config {path}: not valid YAML: {e}"]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"--config {path}: top level must be a mapping of keys."])
+        data = loaded or {}
+    over, over_problems = parse_overrides(overrides or [])
+    problems += over_problems
+    cfg = _build(Config, _merge(data, over), "", problems)
+    problems += validate(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], world_size: int = 1) -> Config:
+    """Build and validate a config from a plain dict (as saved in a run directory)."""
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    problems += validate(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Semantic validation
+# --------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config, world_size: int) -> list[str]:
+    """Every semantic problem of an already type-checked config."""
+    p: list[str] = []
+    m, t, o = cfg.model, cfg.train, cfg.optim
+
+    def positive(key: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and value <= 0:
+            p.append(f"{key}: must be > 0, got {value}.")
+
+    if m.init_from is None:
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            positive(f"model.{k}", getattr(m, k))
+        if m.num_heads > 0 and m.hidden_size % m.num_heads:
+            p.append(
+                f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads="
+                f"{m.num_heads}; pick sizes where hidden_size % num_heads == 0."
+            )
+        kv = m.num_kv_heads or m.num_heads
+        if m.num_heads > 0 and kv > 0 and m.num_heads % kv:
+            p.append(f"model.num_kv_heads: {kv} must divide model.num_heads={m.num_heads}.")
+    elif not Path(m.init_from, "config.json").is_file():
+        p.append(
+            f"model.init_from: {m.init_from!r} has no config.json; point it to a local Hugging "
+            "Face Llama directory."
+        )
+    for k in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
+        positive(f"train.{k}", getattr(t, k))
+    if t.seq_len > m.max_position_embeddings and m.init_from is None:
+        p.append(
+            f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}; lower seq_len or raise max_position_embeddings."
+        )
+    if t.global_batch_size is not None:
+        expect = cfg.global_batch(world_size)
+        if t.global_batch_size != expect:
+            p.append(
+                f"train.global_batch_size: {t.global_batch_size} != micro_batch_size "
+                f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world_size "
+                f"({world_size}) = {expect}; set grad_accum so the product matches, or leave "
+                "global_batch_size unset."
+            )
+    positive("optim.lr", o.lr)
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}.")
+    if o.warmup_steps < 0:
+        p.append(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}.")
+    if not 0 < o.decay_fraction <= 1:
+        p.append(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}.")
+    if cfg.engine.zero_stage not in (0, 1, 2, 3):
+        p.append(f"engine.zero_stage: {cfg.engine.zero_stage} is not a ZeRO stage; use 0-3.")
+    if cfg.engine.backend == "fsdp2":
+        p.append("engine.backend: fsdp2 is not implemented yet; use deepspeed.")
+    if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
+        p.append(f"engine.deepspeed_config: {cfg.engine.deepspeed_config!r} does not exist.")
+    if not 0 < cfg.migu.keep_ratio <= 1:
+        p.append(f"migu.keep_ratio: must be in (0, 1], got {cfg.migu.keep_ratio}.")
+    import re
+
+    for i, rx in enumerate(cfg.migu.include + cfg.migu.exclude):
+        try:
+            re.compile(rx)
+        except re.error as e:
+            p.append(f"migu.include/exclude[{i}]: {rx!r} is not a valid regex ({e}).")
+    p += _validate_data(cfg)
+    if cfg.eval.every_steps < 0:
+        p.append("eval.every_steps: must be >= 0 (0 evaluates only at phase ends).")
+    positive("eval.batch_size", cfg.eval.batch_size)
+    for i, task in enumerate(cfg.eval.tasks):
+        if not task.name:
+            p.append(f"eval.tasks[{i}].name: required.")
+        if not Path(task.path).is_file():
+            p.append(f"eval.tasks[{i}].path: {task.path!r} does not exist.")
+        if task.num_fewshot and not (task.fewshot_path and Path(task.fewshot_path).is_file()):
+            p.append(f"eval.tasks[{i}].fewshot_path: needed (an existing file) for num_fewshot>0.")
+    if cfg.checkpoint.keep_last < 1:
+        p.append("checkpoint.keep_last: must be >= 1.")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        p.append(f"resume: {cfg.resume!r} is neither auto, never, nor a checkpoint directory.")
+    return p
+
+
+def _validate_data(cfg: Config) -> list[str]:
+    import glob
+
+    p: list[str] = []
+    d = cfg.data
+    tok = Path(d.tokenizer)
+    if not (tok.is_file() or tok.is_dir()):
+        p.append(f"data.tokenizer: {d.tokenizer!r} does not exist; give a .model file or HF dir.")
+    for name, dom in d.domains.items():
+        if not dom.train:
+            p.append(f"data.domains.{name}.train: no files given; list one or more globs.")
+        for key, globs in (("train", dom.train), ("heldout", dom.heldout)):
+            for g in globs:
+                if not glob.glob(g, recursive=True):
+                    p.append(
+                        f"data.domains.{name}.{key}: {g!r} matches no file; fix the path or "
+                        "run from the repository root."
+                    )
+    if not d.phases:
+        p.append("data.phases: at least one phase is needed, e.g. [{name: p1, domains: {x: 1}}].")
+    seen = set()
+    for i, ph in enumerate(d.phases):
+        key = f"data.phases[{i}]"
+        if not ph.name:
+            p.append(f"{key}.name: required.")
+        if ph.name in seen:
+            p.append(f"{key}.name: {ph.name!r} is used twice; phase names must be unique.")
+        seen.add(ph.name)
+        if not ph.domains:
+            p.append(f"{key}.domains: name at least one domain with a weight.")
+        for dn, w in ph.domains.items():
+            if dn not in d.domains:
+                p.append(f"{key}.domains.{dn}: unknown domain; define it under data.domains.")
+            if w is not None and w <= 0:
+                p.append(f"{key}.domains.{dn}: weight must be > 0, got {w}.")
+        if (ph.tokens is None) == (ph.steps is None) and i < len(d.phases) - 1:
+            p.append(f"{key}: give exactly one of tokens or steps (only the last may omit both).")
+        if (ph.tokens is not None and ph.tokens <= 0) or (ph.steps is not None and ph.steps <= 0):
+            p.append(f"{key}: tokens/steps must be > 0.")
+        if not 0 <= ph.replay < 1:
+            p.append(f"{key}.replay: must be in [0, 1), got {ph.replay}.")
+        if ph.replay > 0 and i == 0:
+            p.append(f"{key}.replay: the first phase has no earlier domains to replay; set 0.")
+    if cfg.migu.phases is not None:
+        for name in cfg.migu.phases:
+            if name not in seen:
+                p.append(f"migu.phases: {name!r} is not a phase name; known: {sorted(seen)}.")
+    if d.num_workers < 0:
+        p.append("data.num_workers: must be >= 0.")
+    return p
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with ``load_config``)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,74 @@
+"""Build the Llama model: from a shape config (tiny tests, demo) or from a local Hugging Face
+directory (the normal continual pre-training start).
+
+The model never imports distributed code: the backend passes ``init_context`` (DeepSpeed's
+``zero.Init`` under ZeRO-3) so a 7B model is partitioned as it is created and never
+materialises whole on one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import ContextManager
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from train.config import ModelConfig
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """auto -> flash_attention_2 when flash-attn imports and a GPU is present, else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def llama_config(cfg: ModelConfig) -> LlamaConfig:
+    """The transformers config for a model built from shape (init_from unset)."""
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.init_std,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    init_context: ContextManager | None = None,
+) -> LlamaForCausalLM:
+    """Create the model on every rank identically (same seed), inside ``init_context``."""
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    torch.manual_seed(seed)
+    with init_context or contextlib.nullcontext():
+        if cfg.init_from:
+            model = LlamaForCausalLM.from_pretrained(
+                cfg.init_from, dtype=dtype, attn_implementation=attn
+            )
+        else:
+            hf_cfg = llama_config(cfg)
+            hf_cfg._attn_implementation = attn
+            model = LlamaForCausalLM(hf_cfg).to(dtype)
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        # Non-reentrant checkpointing: the recompute runs inside autograd's backward, which is
+        # how MIGU's hooks tell a recompute from a real forward.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

@@ -1,0 +1,184 @@
+"""Figures of the continual-learning report: matrices, perplexity curves, run comparisons.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so it
+is safe in training processes and on machines without a display.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+from train import cl_metrics
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _array(matrix: Sequence[Sequence[float | None]]) -> np.ndarray:
+    return np.array(
+        [[np.nan if v is None else float(v) for v in row] for row in matrix], dtype=float
+    ).reshape(len(matrix), -1)
+
+
+def plot_matrix(
+    path: str | Path,
+    matrix: Sequence[Sequence[float | None]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    title: str,
+    lower_is_better: bool = False,
+    log_scale: bool = False,
+) -> Path:
+    """Heatmap of R[row][col] with every value written in its cell; missing values blank."""
+    data = _array(matrix)
+    fig = Figure(
+        figsize=(1.2 + 1.1 * max(len(col_labels), 1), 1.0 + 0.55 * max(len(row_labels), 1))
+    )
+    ax = fig.add_subplot()
+    finite = data[np.isfinite(data)]
+    cmap = "viridis_r" if lower_is_better else "viridis"
+    norm = None
+    if log_scale and finite.size and finite.min() > 0:
+        norm = LogNorm(vmin=finite.min(), vmax=max(finite.max(), finite.min() * 1.0001))
+    im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, norm=norm, aspect="auto")
+    fig.colorbar(im, ax=ax)
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=30, ha="right")
+    ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after phase")
+    ax.set_title(title)
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            if np.isfinite(data[i, j]):
+                v = data[i, j]
+                text = f"{v:.3g}" if abs(v) >= 100 else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
+                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ppl_curves(
+    path: str | Path, rows: Sequence[Mapping[str, Any]], phase_names: Sequence[str] = ()
+) -> Path:
+    """Perplexity of every domain over steps; dashed vertical lines at phase ends."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    ordered = sorted(rows, key=lambda r: r["step"])
+    domains: dict[str, None] = {}
+    for r in ordered:
+        for d in r.get("ppl", {}):
+            domains.setdefault(d, None)
+    for d in domains:
+        pts = [(r["step"], r["ppl"][d]) for r in ordered if r.get("ppl", {}).get(d) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=3, label=d)
+    ends: dict[int, int] = {}
+    for r in ordered:
+        if r.get("phase_end") and r.get("phase_index", -1) >= 0:
+            ends[r["phase_index"]] = r["step"]
+    for idx, step in sorted(ends.items()):
+        ax.axvline(step, color="grey", linestyle="--", linewidth=1)
+        name = phase_names[idx] if idx < len(phase_names) else str(idx)
+        ax.text(
+            step,
+            1.0,
+            f" end {name}",
+            transform=ax.get_xaxis_transform(),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            color="grey",
+        )
+    if any(v is not None and v > 0 for r in ordered for v in r.get("ppl", {}).values()):
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Held-out perplexity per domain")
+    if domains:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_report(
+    report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out_dir: str | Path
+) -> list[Path]:
+    """All report figures: cl_matrix_ppl.png, cl_matrix_acc.png (with tasks), ppl_curves.png."""
+    out_dir = Path(out_dir)
+    phases = list(report["phases"])
+    written = []
+
+    def with_initial(kind: str) -> tuple[list[list[float | None]], list[str]]:
+        matrix = list(report[kind]["matrix"])
+        labels = list(phases)
+        if report[kind].get("initial") is not None:
+            matrix = [report[kind]["initial"], *matrix]
+            labels = ["initial", *labels]
+        return matrix, labels
+
+    if report["domains"]:
+        m, labels = with_initial("ppl")
+        written.append(
+            plot_matrix(
+                out_dir / "cl_matrix_ppl.png",
+                m,
+                labels,
+                report["domains"],
+                title="Perplexity after each phase",
+                lower_is_better=True,
+                log_scale=True,
+            )
+        )
+    if report["tasks"]:
+        m, labels = with_initial("acc")
+        written.append(
+            plot_matrix(
+                out_dir / "cl_matrix_acc.png",
+                m,
+                labels,
+                report["tasks"],
+                title="Accuracy after each phase",
+            )
+        )
+    written.append(plot_ppl_curves(out_dir / "ppl_curves.png", rows, phases))
+    return written
+
+
+def plot_compare(path: str | Path, reports: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Grouped bars per metric, one bar per run: average ppl, BWT, FWT, task accuracies."""
+    names = list(reports)
+    rows = [
+        (m, v)
+        for m, v in cl_metrics.compare_rows(reports)
+        if not m.startswith("ppl ") or "average" in m or "WT" in m
+    ]
+    rows = [(m, v) for m, v in rows if not m.startswith("acc_norm ") or "average" in m]
+    rows = [(m, v) for m, v in rows if any(x is not None for x in v)]
+    ncols = min(3, max(len(rows), 1))
+    nrows = max(math.ceil(len(rows) / ncols), 1)
+    fig = Figure(figsize=(4 * ncols, 3 * nrows))
+    colors = [f"C{i}" for i in range(len(names))]
+    for k, (metric, values) in enumerate(rows):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        ys = [np.nan if v is None else v for v in values]
+        ax.bar(range(len(names)), ys, color=colors)
+        ax.set_xticks(range(len(names)), labels=names, rotation=20, ha="right", fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,276 @@
+"""The training loop: one ``fit()`` that reads in one sitting.
+
+Evaluation, checkpointing and logging are ``maybe_*`` calls that decide for themselves when
+to act. The loop talks to the sharding backend only through :class:`migu_dist.backend.Backend`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from migu_dist.backend import Backend
+from migu_dist.migu import Migu
+from train.checkpoint import Checkpointer
+from train.config import Config
+from train.data import Batch, CPTDataLoader, PhasePlan
+from train.tracking import NullTracker
+
+
+@dataclass
+class TrainState:
+    """Everything the loop itself must carry across a restart (JSON-serialisable)."""
+
+    step: int = 0
+    tokens: int = 0
+    tokens_by_domain: dict[str, int] = field(default_factory=dict)
+    tokens_by_phase: dict[str, int] = field(default_factory=dict)
+    phase_index: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    wandb_id: str | None = None
+    finished_phases: list[str] = field(default_factory=list)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state["numpy"] = np.random.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """Owns the loop; the backend owns model, optimizer and shards."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        backend: Backend,
+        data: CPTDataLoader,
+        *,
+        migu: Migu | None = None,
+        evaluator: Any | None = None,
+        checkpointer: Checkpointer | None = None,
+        tracker: NullTracker | None = None,
+    ):
+        self.cfg = cfg
+        self.backend = backend
+        self.data = data
+        self.migu = migu
+        self.evaluator = evaluator
+        self.ckpt = checkpointer
+        self.tracker = tracker or NullTracker()
+        self.state = TrainState()
+        self.phases: list[PhasePlan] = data.phases()
+        self.max_steps = min(cfg.train.max_steps, self.phases[-1].end_step)
+        self._stop_signal: int | None = None
+        self.exit_reason = "finished"
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainState:
+        """Train until max_steps (or a stop signal); returns the final state."""
+        self._install_signal_handlers()
+        self.maybe_evaluate_initial()
+        self.tracker.set_phase(self.phase.name, self.phase.end_step - self.phase.start_step,
+                               self.state.step - self.phase.start_step)
+        t_last = time.perf_counter()
+        while self.state.step < self.max_steps:
+            batch = self.data.next_batch()
+            losses = [self.backend.forward_backward(mb) for mb in self._micro_batches(batch)]
+            loss = torch.stack(losses).float().mean()
+            finite, stop_requested = self._agree(loss)
+            if not finite:
+                if not self._handle_nonfinite(loss):
+                    break
+                metrics = {"grad_norm": float("nan"), "lr": float("nan"), "skipped": True}
+            else:
+                self.state.consecutive_skips = 0
+                migu_stats = {}
+                if self.migu is not None and self.migu.active(self.state.step, batch.phase):
+                    migu_stats = self.migu.apply(self.backend, self.state.step, batch.phase)
+                metrics = {**self.backend.step(), **migu_stats}
+            if self.migu is not None:
+                self.migu.reset()
+            self.state.step += 1
+            t_now = time.perf_counter()
+            self._count_tokens(batch)
+            self.maybe_log(batch, loss, metrics, t_now - t_last)
+            t_last = t_now
+            phase_end = self.state.step == self.phase.end_step or self.state.step == self.max_steps
+            self.maybe_evaluate(phase_end)
+            self.maybe_checkpoint(phase_end, force=stop_requested)
+            if phase_end:
+                self.end_phase()
+            if stop_requested:
+                self.exit_reason = "signal"
+                break
+            t_last = time.perf_counter()  # evaluation/checkpoint time is not step time
+        if self.evaluator is not None and self.backend.rank == 0:
+            self.evaluator.write_report([p.name for p in self.phases])
+        self.tracker.close()
+        return self.state
+
+    # ------------------------------------------------------------------ pieces of a step
+
+    @property
+    def phase(self) -> PhasePlan:
+        return self.phases[min(self.state.phase_index, len(self.phases) - 1)]
+
+    def _micro_batches(self, batch: Batch):
+        """Split this rank's rows of the global batch into grad_accum micro-batches."""
+        mbs = self.cfg.train.micro_batch_size
+        for i in range(self.cfg.train.grad_accum):
+            rows = slice(i * mbs, (i + 1) * mbs)
+            mb = {"input_ids": batch.input_ids[rows], "labels": batch.labels[rows]}
+            if batch.position_ids is not None:
+                mb["position_ids"] = batch.position_ids[rows]
+            if self.migu is not None:
+                ignored = mb["labels"] == -100
+                self.migu.token_mask = (~ignored).float() if bool(ignored.any()) else None
+            yield mb
+
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """One tiny all-reduce: is the loss finite on every rank; did any rank get a signal."""
+        flags = torch.tensor(
+            [0.0 if torch.isfinite(loss) else 1.0, 1.0 if self._stop_signal else 0.0],
+            device=self.backend.device,
+        )
+        self.backend.all_reduce_sum(flags)
+        return bool(flags[0] == 0), bool(flags[1] > 0)
+
+    def _handle_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Apply the non-finite-loss policy; False means stop the run."""
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        policy = self.cfg.train.nonfinite_loss
+        if policy == "stop" or self.state.consecutive_skips > self.cfg.train.max_skipped_steps:
+            self.exit_reason = "nonfinite_loss"
+            if self.backend.rank == 0:
+                print(
+                    f"Non-finite loss ({float(loss)}) at step {self.state.step}: stopping; the "
+                    "last good checkpoint is intact.",
+                    flush=True,
+                )
+            return False
+        self.backend.skip_step()
+        return True
+
+    def _count_tokens(self, batch: Batch) -> None:
+        s = self.state
+        n = sum(batch.tokens_by_domain.values())
+        s.tokens += n
+        s.tokens_by_phase[batch.phase] = s.tokens_by_phase.get(batch.phase, 0) + n
+        for d, k in batch.tokens_by_domain.items():
+            s.tokens_by_domain[d] = s.tokens_by_domain.get(d, 0) + k
+
+    # ------------------------------------------------------------------ maybe_*
+
+    def maybe_log(self, batch: Batch, loss: torch.Tensor, metrics: dict, dt: float) -> None:
+        if self.state.step % self.cfg.logging.log_every and self.state.step != self.max_steps:
+            return
+        n = sum(batch.tokens_by_domain.values())
+        row = {
+            "step": self.state.step,
+            "loss": float(loss),
+            "lr": metrics.pop("lr"),
+            "tokens": self.state.tokens,
+            "tokens_per_s": n / dt if dt > 0 else float("nan"),
+            "grad_norm": metrics.pop("grad_norm"),
+            "phase": batch.phase,
+            "tokens_by_domain": dict(self.state.tokens_by_domain),
+            "tokens_by_phase": dict(self.state.tokens_by_phase),
+            **metrics,
+        }
+        self.tracker.log(row)
+
+    def maybe_evaluate_initial(self) -> None:
+        """Evaluate the starting model once (the baseline for forward transfer)."""
+        if self.evaluator is None or self.state.step != 0:
+            return
+        row = self.evaluator.evaluate(
+            self.backend.module, step=0, phase="initial", phase_index=-1, phase_end=True
+        )
+        self.tracker.log_eval(row)
+
+    def maybe_evaluate(self, phase_end: bool) -> None:
+        if self.evaluator is None:
+            return
+        every = self.cfg.eval.every_steps
+        due = (phase_end and self.cfg.eval.at_phase_end) or (every and self.state.step % every == 0)
+        if not due:
+            return
+        row = self.evaluator.evaluate(
+            self.backend.module,
+            step=self.state.step,
+            phase=self.phase.name,
+            phase_index=self.phase.index,
+            phase_end=phase_end,
+        )
+        self.tracker.log_eval(row)
+
+    def maybe_checkpoint(self, phase_end: bool, force: bool = False) -> None:
+        if self.ckpt is None:
+            return
+        c = self.cfg.checkpoint
+        due = (
+            force
+            or (phase_end and c.at_phase_end)
+            or (c.every_steps and self.state.step % c.every_steps == 0)
+            or self.state.step == self.max_steps
+        )
+        if due:
+            self.save_checkpoint(pinned=phase_end and c.at_phase_end)
+
+    def end_phase(self) -> None:
+        """Phase boundary: MIGU's domain summary rolls over and the next phase starts."""
+        self.state.finished_phases.append(self.phase.name)
+        if self.migu is not None:
+            self.migu.end_domain()
+        self.state.phase_index += 1
+        if self.state.step < self.max_steps:
+            self.tracker.set_phase(self.phase.name, self.phase.end_step - self.phase.start_step, 0)
+
+    # ------------------------------------------------------------------ state
+
+    def save_checkpoint(self, pinned: bool = False) -> bool:
+        self.state.wandb_id = self.tracker.wandb_id or self.state.wandb_id
+        trainer_state = {"train": self.state.__dict__}
+        rank_state = {
+            "rng": rng_state(),
+            "data": self.data.state_dict(),
+            "migu": self.migu.state_dict() if self.migu is not None else None,
+        }
+        return self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
+
+    def restore(self, source: Checkpointer, tag: str) -> None:
+        """Resume everything from checkpoint ``tag`` of ``source`` (call before fit)."""
+        trainer_state, rank_state = source.load(tag)
+        self.state = TrainState(**trainer_state["train"])
+        self.data.load_state_dict(rank_state["data"])
+        if self.migu is not None and rank_state.get("migu") is not None:
+            self.migu.load_state_dict(rank_state["migu"])
+        set_rng_state(rank_state["rng"])
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            # Act at the next step boundary: checkpoint, then exit cleanly.
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
