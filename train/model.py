@@ -70,5 +70,8 @@ def build_model(
     if cfg.activation_checkpointing:
         # Non-reentrant checkpointing: the recompute runs inside autograd's backward, which is
         # how MIGU's hooks tell a recompute from a real forward.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     return model
