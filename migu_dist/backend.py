@@ -9,8 +9,9 @@ from __future__ import annotations
 import abc
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +83,8 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        """Write this rank's shards (collective) plus ``client_state``."""
+        """Write this rank's shards (collective) plus ``client_state``. If a write fails
+        (full disk), still complete the collectives the other ranks are in, then raise."""
 
     @abc.abstractmethod
     def load(self, directory: str, tag: str) -> dict[str, Any]:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from datetime import timedelta
-from typing import Any, ContextManager
+from typing import Any
 
 import deepspeed
 import torch
@@ -31,6 +33,12 @@ from train.config import Config
 
 # Norms, biases and embeddings: no weight decay (the usual Llama recipe).
 _NO_DECAY = ("norm", "bias", "embed_tokens")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -77,6 +85,11 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if "WORLD_SIZE" not in os.environ:
+            # Plain `python launch/cpt.py`: a world of one, no launcher and no MPI needed.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(
                 timeout=timedelta(minutes=cfg.engine.dist_timeout_minutes),
@@ -227,9 +240,16 @@ class DeepSpeedBackend(Backend):
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(
-            directory, tag=tag, client_state=client_state, save_latest=False
-        )
+        try:
+            self.engine.save_checkpoint(
+                directory, tag=tag, client_state=client_state, save_latest=False
+            )
+        except (OSError, RuntimeError):
+            # save_checkpoint's only collective after its writes is a closing barrier, which a
+            # rank whose write failed (full disk) skips; take it here so that the ranks whose
+            # writes succeeded are not left waiting in it, then report the failure.
+            torch.distributed.barrier()
+            raise
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(

@@ -48,7 +48,7 @@ class FreezableAdamW(torch.optim.AdamW):
             st = self.state[tensor]
             for k in ("exp_avg", "exp_avg_sq"):
                 # A fresh state (first step) starts at zero for frozen elements too.
-                st[k].view(-1)[mask] = moments[k] if k in moments else 0.0
+                st[k].view(-1)[mask] = moments.get(k, 0.0)
         for k, _ in entries:
             del self.frozen[k]
         return loss

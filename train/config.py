@@ -8,6 +8,7 @@ impossible value, batch/world-size arithmetic), each naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,9 +155,7 @@ class MiguConfig:
     normalize: Literal["none", "l1_token"] = "none"
     """none: per-unit sum of |y| over tokens (reference code). l1_token: each token's |y| is
     divided by its L1 norm over units first, so every token weighs the same."""
-    include: list[str] = field(
-        default_factory=lambda: [r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$"]
-    )
+    include: list[str] = field(default_factory=lambda: [r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$"])
     """Regexes (re.search on module names) of nn.Linear modules to mask; default all linear
     layers of the transformer blocks. Add 'lm_head$' to mask the output head too."""
     exclude: list[str] = field(default_factory=list)
@@ -369,7 +368,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) ->
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
-            close = [n for n in names if n.startswith(str(key)[:3])]
+            close = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             problems.append(f"{where}: unknown key.{hint} Known keys: {sorted(names)}.")
     kwargs = {}
@@ -409,10 +408,23 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; ``{"phases": {"0": {...}}}`` merges into element 0 of a list."""
     out = dict(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        cur = out.get(k)
+        if isinstance(v, dict) and isinstance(cur, dict):
+            out[k] = _merge(cur, v)
+        elif isinstance(v, dict) and isinstance(cur, list) and all(str(i).isdigit() for i in v):
+            items = list(cur)
+            for i, sub in v.items():
+                i = int(i)
+                if i < len(items) and isinstance(items[i], dict) and isinstance(sub, dict):
+                    items[i] = _merge(items[i], sub)
+                elif i < len(items):
+                    items[i] = sub
+                else:
+                    items.append(sub)
+            out[k] = items
         else:
             out[k] = v
     return out

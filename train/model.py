@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import ContextManager
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

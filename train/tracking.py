@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,8 @@ class Tracker(NullTracker):
         has_key = bool(os.environ.get("WANDB_API_KEY")) or Path("~/.netrc").expanduser().exists()
         if not has_key and "WANDB_MODE" not in os.environ:
             os.environ["WANDB_MODE"] = "offline"
-        self.wandb_id = wandb_id or wandb.util.generate_id()
+        self.wandb_id = wandb_id or uuid.uuid4().hex[:8]  # kept in checkpoints: resume
+        # continues the same wandb run
         self.run = wandb.init(
             project=cfg.logging.wandb_project,
             name=cfg.logging.wandb_run_name or Path(cfg.output_dir).name,

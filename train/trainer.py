@@ -10,6 +10,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,14 +88,16 @@ class Trainer:
         """Train until max_steps (or a stop signal); returns the final state."""
         self._install_signal_handlers()
         self.maybe_evaluate_initial()
-        self.tracker.set_phase(self.phase.name, self.phase.end_step - self.phase.start_step,
-                               self.state.step - self.phase.start_step)
+        self.tracker.set_phase(
+            self.phase.name,
+            self.phase.end_step - self.phase.start_step,
+            self.state.step - self.phase.start_step,
+        )
         t_last = time.perf_counter()
         while self.state.step < self.max_steps:
             batch = self.data.next_batch()
             losses = [self.backend.forward_backward(mb) for mb in self._micro_batches(batch)]
-            loss = torch.stack(losses).float().mean()
-            finite, stop_requested = self._agree(loss)
+            loss, finite, stop_requested = self._agree(torch.stack(losses).float().mean())
             if not finite:
                 if not self._handle_nonfinite(loss):
                     break
@@ -145,14 +148,20 @@ class Trainer:
                 self.migu.token_mask = (~ignored).float() if bool(ignored.any()) else None
             yield mb
 
-    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """One tiny all-reduce: is the loss finite on every rank; did any rank get a signal."""
+    def _agree(self, local_loss: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
+        """One tiny all-reduce: the global mean loss, whether it is finite on every rank, and
+        whether any rank got a stop signal."""
         flags = torch.tensor(
-            [0.0 if torch.isfinite(loss) else 1.0, 1.0 if self._stop_signal else 0.0],
+            [
+                float(local_loss),
+                0.0 if torch.isfinite(local_loss) else 1.0,
+                1.0 if self._stop_signal else 0.0,
+            ],
+            dtype=torch.float64,
             device=self.backend.device,
         )
         self.backend.all_reduce_sum(flags)
-        return bool(flags[0] == 0), bool(flags[1] > 0)
+        return flags[0] / self.backend.world_size, bool(flags[1] == 0), bool(flags[2] > 0)
 
     def _handle_nonfinite(self, loss: torch.Tensor) -> bool:
         """Apply the non-finite-loss policy; False means stop the run."""
@@ -234,6 +243,8 @@ class Trainer:
             or (c.every_steps and self.state.step % c.every_steps == 0)
             or self.state.step == self.max_steps
         )
+        if force and self.backend.rank == 0:
+            print(f"Stop signal: checkpoint at step {self.state.step}, then exit.", flush=True)
         if due:
             self.save_checkpoint(pinned=phase_end and c.at_phase_end)
 
@@ -249,6 +260,9 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def save_checkpoint(self, pinned: bool = False) -> bool:
+        """Collective. A failed save (full disk) is reported and training goes on; a failed
+        final save makes the run exit non-zero. Pinned (phase-end) checkpoints are also
+        exported to ``<output_dir>/hf/<phase>`` with checkpoint.export_hf_at_phase_end."""
         self.state.wandb_id = self.tracker.wandb_id or self.state.wandb_id
         trainer_state = {"train": self.state.__dict__}
         rank_state = {
@@ -256,7 +270,27 @@ class Trainer:
             "data": self.data.state_dict(),
             "migu": self.migu.state_dict() if self.migu is not None else None,
         }
-        return self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
+        ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
+        if not ok and self.state.step == self.max_steps:
+            self.exit_reason = "checkpoint_failed"
+        if ok and pinned and self.cfg.checkpoint.export_hf_at_phase_end:
+            self._export_phase()
+        return ok
+
+    def _export_phase(self) -> None:
+        """Rank 0 consolidates the pinned checkpoint just written into a Hugging Face dir;
+        the other ranks wait. A failed export is reported, training goes on."""
+        from train.checkpoint import tag_for
+        from train.export import export_hf
+
+        if self.backend.rank == 0:
+            out = Path(self.cfg.output_dir, "hf", self.phase.name)
+            try:
+                export_hf(self.ckpt.root / tag_for(self.state.step), out, cfg=self.cfg)
+                print(f"Exported phase {self.phase.name} to {out}", flush=True)
+            except Exception as e:  # noqa: BLE001 - an export must never kill the run
+                print(f"WARNING: export of phase {self.phase.name} failed: {e!r}", flush=True)
+        self.backend.barrier()
 
     def restore(self, source: Checkpointer, tag: str) -> None:
         """Resume everything from checkpoint ``tag`` of ``source`` (call before fit)."""
@@ -266,6 +300,12 @@ class Trainer:
         if self.migu is not None and rank_state.get("migu") is not None:
             self.migu.load_state_dict(rank_state["migu"])
         set_rng_state(rank_state["rng"])
+        # Phase-end checkpoints are written before the loop's end_phase(); finish that
+        # boundary here so the resumed run starts in the next phase.
+        if self.state.step == self.phase.end_step and self.phase.name not in (
+            self.state.finished_phases
+        ):
+            self.end_phase()
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):

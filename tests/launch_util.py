@@ -1,0 +1,63 @@
+"""Run launch/cpt.py as a user would (torchrun or the deepspeed launcher), read its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Fast, quiet runs: no evaluation or checkpoints unless a test asks for them.
+QUIET = [
+    "logging.wandb=false",
+    "logging.progress_bar=false",
+    "eval.at_phase_end=false",
+    "eval.tasks=[]",
+    "checkpoint.at_phase_end=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpt_command(nproc: int, config: str, overrides: list[str], launcher: str) -> list[str]:
+    script = [str(ROOT / "launch" / "cpt.py"), "--config", config, *overrides]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), *script]  # fmt: skip
+    if launcher == "python":
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *script]  # fmt: skip
+
+
+def run_cpt(
+    out_dir: Path,
+    *overrides: str,
+    nproc: int = 2,
+    config: str = "configs/tiny-cpu.yaml",
+    launcher: str = "torchrun",
+    quiet: bool = True,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    args = [f"output_dir={out_dir}", *(QUIET if quiet else []), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    proc = subprocess.run(
+        cpt_command(nproc, config, args, launcher),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,44 @@
+"""The model builder gives transformers' own LlamaForCausalLM, from shape or from a directory."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from train.config import ModelConfig
+from train.model import build_model, resolve_attn_implementation
+
+
+def test_shapes_and_logits_match_transformers_llama():
+    cfg = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=176, num_layers=2,
+                      num_heads=4, num_kv_heads=2, max_position_embeddings=128)  # fmt: skip
+    ours = build_model(cfg, seed=0)
+    ref = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        )
+    )  # fmt: skip
+    ref_shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == ref_shapes
+    ref.load_state_dict(ours.state_dict())
+    ours.eval()
+    ref.eval()
+    x = torch.randint(0, 320, (2, 17))
+    torch.testing.assert_close(ours(input_ids=x).logits, ref(input_ids=x).logits)
+
+
+def test_init_from_local_hf_directory(tmp_path):
+    src = build_model(ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_layers=1, num_heads=2), seed=1)  # fmt: skip
+    src.save_pretrained(tmp_path)
+    loaded = build_model(ModelConfig(init_from=str(tmp_path)), seed=99)
+    for (k, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_attention_auto_is_sdpa_without_gpu_flash_attn():
+    if not torch.cuda.is_available():
+        assert resolve_attn_implementation("auto") == "sdpa"
+    assert resolve_attn_implementation("eager") == "eager"

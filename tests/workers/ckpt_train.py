@@ -1,0 +1,48 @@
+"""``launch/cpt.py`` plus the trained model's logits on a fixed input, for export parity.
+
+    torchrun --standalone --nproc_per_node 2 tests/workers/ckpt_train.py --config C [k=v ...]
+
+Builds the trainer exactly as the entry point does (``train.run.build_trainer``), trains, then
+runs one forward of a fixed (2, 16) batch through the sharded model (collective under ZeRO-3)
+and saves ``<output_dir>/logits.pt`` on rank 0: the input ids, the (2, 16, vocab) logits and
+the full consolidated state dict. Exits like ``launch/cpt.py``.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from launch.cpt import parse_args  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.run import build_trainer  # noqa: E402
+
+
+def fixed_input(vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = load_config(args.config, args.overrides, world_size=int(os.environ["WORLD_SIZE"]))
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    backend = trainer.backend
+    ids = fixed_input(cfg.model.vocab_size)
+    backend.module.eval()
+    with torch.no_grad():
+        logits = backend.module(input_ids=ids.to(backend.device)).logits.float().cpu()
+    full = backend.full_state_dict()
+    if backend.rank == 0:
+        torch.save(
+            {"input_ids": ids, "logits": logits, "state_dict": full},
+            Path(cfg.output_dir, "logits.pt"),
+        )
+    return 0 if trainer.exit_reason in ("finished", "signal") else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
