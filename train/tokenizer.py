@@ -39,8 +39,17 @@ class Tokenizer:
         ``num_threads`` is SentencePiece's thread count in :meth:`encode_batch`; 1 by default
         because the data pipeline parallelises over worker processes, not threads.
         """
-        if (sp_model_proto is None) == (hf_tokenizer_json is None):
+        if sp_model_proto is not None and hf_tokenizer_json is not None:
             raise ValueError("give exactly one of sp_model_proto or hf_tokenizer_json")
+        self._load(sp_model_proto, hf_tokenizer_json, hf_config, num_threads)
+
+    def _load(
+        self,
+        sp_model_proto: bytes | None,
+        hf_tokenizer_json: str | None,
+        hf_config: dict[str, Any] | None,
+        num_threads: int,
+    ) -> None:
         self.num_threads = num_threads
         self._sp: spm.SentencePieceProcessor | None = None
         self._hf: Any = None
@@ -52,7 +61,7 @@ class Tokenizer:
             self.bos_id = self._sp.bos_id()
             self.eos_id = self._sp.eos_id()
             self.vocab_size = self._sp.vocab_size()
-        else:
+        elif hf_tokenizer_json is not None:
             from tokenizers import Tokenizer as HFTokenizer
 
             self._hf = HFTokenizer.from_str(hf_tokenizer_json)
@@ -61,6 +70,8 @@ class Tokenizer:
             self.bos_id = self._special_id("bos_token")
             self.eos_id = self._special_id("eos_token")
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+        else:
+            raise ValueError("give exactly one of sp_model_proto or hf_tokenizer_json")
 
     def _special_id(self, key: str) -> int:
         token = self._hf_config.get(key)
@@ -101,12 +112,13 @@ class Tokenizer:
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self._sp is None:
+        if self._hf_json is not None:
             (out / "tokenizer.json").write_text(self._hf_json)
             (out / "tokenizer_config.json").write_text(json.dumps(self._hf_config, indent=2))
             return
         from transformers import AutoTokenizer
 
+        assert self._sp is not None
         with tempfile.TemporaryDirectory() as tmp:
             # transformers converts tokenizer.model -> tokenizer.json when it loads a directory
             # holding only the SentencePiece file and a LlamaTokenizer config.
@@ -134,12 +146,7 @@ class Tokenizer:
         return {"hf": self._hf_json, "config": self._hf_config, "threads": self.num_threads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(
-            sp_model_proto=state.get("sp"),
-            hf_tokenizer_json=state.get("hf"),
-            hf_config=state.get("config"),
-            num_threads=state["threads"],
-        )
+        self._load(state.get("sp"), state.get("hf"), state.get("config"), state["threads"])
 
 
 def load_tokenizer(path: str, num_threads: int = 1) -> Tokenizer:
@@ -154,7 +161,9 @@ def load_tokenizer(path: str, num_threads: int = 1) -> Tokenizer:
     if not p.is_dir():
         raise FileNotFoundError(f"tokenizer {path!r}: no such file or directory")
     if (p / "tokenizer.model").is_file():
-        return Tokenizer(sp_model_proto=(p / "tokenizer.model").read_bytes(), num_threads=num_threads)
+        return Tokenizer(
+            sp_model_proto=(p / "tokenizer.model").read_bytes(), num_threads=num_threads
+        )
     if (p / "tokenizer.json").is_file():
         config_path = p / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
@@ -72,7 +72,9 @@ class BadInputLog:
         self._snapshot = None
         # First occurrence, then every power of ten: loud without flooding the log.
         if n == 1 or (n >= 10 and str(n).strip("0") == "1"):
-            self.messages.append(f"{path}: {n} record(s) skipped as {reason}; e.g. {where}: {detail}")
+            self.messages.append(
+                f"{path}: {n} record(s) skipped as {reason}; e.g. {where}: {detail}"
+            )
 
     def snapshot(self) -> dict[str, Any]:
         if self._snapshot is None:
@@ -86,7 +88,7 @@ class BadInputLog:
 
 def _open_binary(path: str) -> BinaryIO:
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return cast(BinaryIO, gzip.open(path, "rb"))
     if path.endswith(".zst"):
         raw = open(path, "rb")  # noqa: SIM115 - closed through the stream reader
         return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
@@ -233,7 +235,7 @@ def file_records(path: str, offset: int, text_field: str) -> Iterator[Record]:
 class DocumentReader:
     """Documents of a file list in order from a :class:`Position`, wrapping into new epochs.
 
-    ``read(n)`` returns up to ``n`` (text, start position) pairs; ``position`` is where the
+    ``read(n)`` returns up to ``n`` documents with their start positions; ``position`` is where the
     next unread document starts. Rejected records and unreadable files go to ``bad`` (only in
     epoch 0, so the report describes the files rather than how often they were re-read).
     """
@@ -278,8 +280,11 @@ class DocumentReader:
         if self.position.epoch == 0:
             self.bad.record(self.files[self.position.file_index], reason, where, detail)
 
-    def read(self, max_docs: int, max_chars: int = 1 << 20) -> list[tuple[str, Position]]:
-        out: list[tuple[str, Position]] = []
+    def read(
+        self, max_docs: int, max_chars: int = 1 << 20
+    ) -> list[tuple[str, Position, dict[str, Any]]]:
+        """Up to ``max_docs`` documents: (text, start, bad counts of the records before it)."""
+        out: list[tuple[str, Position, dict[str, Any]]] = []
         chars = 0
         while len(out) < max_docs and chars < max_chars and not self.exhausted:
             p = self.position
@@ -298,7 +303,9 @@ class DocumentReader:
             if rec.text is None:
                 self._bad(rec.reason or "bad", f"offset {rec.offset}", rec.detail)
             else:
-                out.append((rec.text, Position(p.file_index, rec.offset, p.epoch)))
+                out.append(
+                    (rec.text, Position(p.file_index, rec.offset, p.epoch), self.bad.snapshot())
+                )
                 chars += len(rec.text)
                 self._docs_this_epoch += 1
             self.position = Position(p.file_index, rec.next_offset, p.epoch)
