@@ -125,7 +125,10 @@ class Trainer:
                 break
             t_last = time.perf_counter()  # evaluation/checkpoint time is not step time
         if self.evaluator is not None and self.backend.rank == 0:
-            self.evaluator.write_report([p.name for p in self.phases])
+            self.evaluator.write_report(
+                [p.name for p in self.phases],
+                {p.name: list(p.domains) for p in self.cfg.data.phases},
+            )
         self.tracker.close()
         return self.state
 
