@@ -40,18 +40,18 @@ changes are improvements there too.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeGuard
 
 Matrix = Sequence[Sequence[float | None]]
 
 
-def _ok(x: float | None) -> bool:
+def _ok(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if _ok(v)]
+    vals: list[float] = [v for v in values if _ok(v)]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -74,10 +74,8 @@ def backward_transfer_per_item(R: Matrix, phases: Sequence[int | None]) -> list[
     f = final_row_index(R)
     out: list[float | None] = []
     for j, p in enumerate(phases):
-        if f is None or p is None or p >= f or not (_ok(R[f][j]) and _ok(R[p][j])):
-            out.append(None)
-        else:
-            out.append(R[f][j] - R[p][j])
+        end, learned = (None, None) if f is None or p is None or p >= f else (R[f][j], R[p][j])
+        out.append(end - learned if _ok(end) and _ok(learned) else None)
     return out
 
 
@@ -95,17 +93,22 @@ def forward_transfer(
         return None
     terms = []
     for j, p in enumerate(phases):
-        if p is not None and 1 <= p <= f and _ok(R[p - 1][j]) and _ok(baseline[j]):
-            terms.append(R[p - 1][j] - baseline[j])
+        before, base = (R[p - 1][j], baseline[j]) if p is not None and 1 <= p <= f else (None, None)
+        if _ok(before) and _ok(base):
+            terms.append(before - base)
     return _mean(terms)
 
 
-def _map(R: Matrix, fn: Any) -> list[list[float | None]]:
-    return [[fn(v) if _ok(v) else None for v in row] for row in R]
+def _map(R: Matrix, fn: Callable[[float | None], float | None]) -> list[list[float | None]]:
+    return [[fn(v) for v in row] for row in R]
 
 
-def _neg_log(x: float) -> float | None:
-    return -math.log(x) if x > 0 else None
+def _neg_log(x: float | None) -> float | None:
+    return -math.log(x) if _ok(x) and x > 0 else None
+
+
+def _neg(x: float | None) -> float | None:
+    return -x if _ok(x) else None
 
 
 def perplexity_report(
@@ -117,9 +120,9 @@ def perplexity_report(
     """Summary of a perplexity matrix (rows: phases, columns: ``domains``); see module doc."""
     phases = [item_phase.get(d) for d in domains]
     score = _map(ppl, _neg_log)  # -ln ppl: higher is better
-    neg = _map(ppl, lambda x: -x)
-    base_score = None if baseline is None else [_neg_log(b) if _ok(b) else None for b in baseline]
-    base_neg = None if baseline is None else [-b if _ok(b) else None for b in baseline]
+    neg = _map(ppl, _neg)  # -ppl: higher is better
+    base_score = None if baseline is None else [_neg_log(b) for b in baseline]
+    base_neg = None if baseline is None else [_neg(b) for b in baseline]
     f = final_row_index(ppl)
     final = [None] * len(domains) if f is None else list(ppl[f])
     per_item = backward_transfer_per_item(score, phases)
@@ -128,7 +131,7 @@ def perplexity_report(
         "initial": None if baseline is None else list(baseline),
         "final": dict(zip(domains, final)),
         "average": _mean(final),
-        "average_nll": None if f is None else _mean([-s if _ok(s) else None for s in score[f]]),
+        "average_nll": None if f is None else _mean([_neg(s) for s in score[f]]),
         "bwt": backward_transfer(score, phases),
         "fwt": forward_transfer(score, phases, base_score),
         "bwt_ppl": backward_transfer(neg, phases),
@@ -203,12 +206,12 @@ def compare_rows(reports: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, li
 
 def format_table(names: Sequence[str], rows: Sequence[tuple[str, Sequence[float | None]]]) -> str:
     """Plain-text table: one metric per line, one column per run."""
-    width = max([len(n) for n, _ in rows] + [6])
-    cols = [max(len(n), 10) for n in names]
-    lines = ["metric".ljust(width) + "".join(f"  {n:>{w}}" for n, w in zip(names, cols))]
-    for metric, values in rows:
-        cells = [f"{v:>{w}.4f}" if _ok(v) else f"{'-':>{w}}" for v, w in zip(values, cols)]
-        lines.append(metric.ljust(width) + "".join(f"  {c}" for c in cells))
+    cells = [[f"{v:.4f}" if _ok(v) else "-" for v in values] for _, values in rows]
+    first = max([len(m) for m, _ in rows] + [len("metric")])
+    widths = [max([len(n)] + [len(c[k]) for c in cells]) for k, n in enumerate(names)]
+    lines = ["metric".ljust(first) + "".join(f"  {n:>{w}}" for n, w in zip(names, widths))]
+    for (metric, _), row in zip(rows, cells):
+        lines.append(metric.ljust(first) + "".join(f"  {c:>{w}}" for c, w in zip(row, widths)))
     return "\n".join(lines)
 
 

@@ -176,13 +176,11 @@ def heldout_perplexity(
     def run_batch(batch: list[int]) -> None:
         nonlocal nll, tokens
         ids = torch.stack([seqs[i] for i in batch]).to(device)  # (B, T)
-        logits = _logits(model, ids)[:, :-1]  # (B, T-1, V)
-        targets = ids[:, 1:]  # (B, T-1)
-        losses = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
-        )
-        nll = nll + losses.double().sum()
-        tokens = tokens + targets.numel()
+        logits = _logits(model, ids)  # (B, T, V)
+        for row in range(ids.shape[0]):  # one row at a time: the float32 copy stays (T, V)
+            losses = F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="none")
+            nll = nll + losses.double().sum()
+        tokens = tokens + ids[:, 1:].numel()
 
     with eval_mode(model):
         _run_sharded(model, batches, run_batch, device=device)
@@ -407,8 +405,11 @@ class Evaluator:
     ) -> dict[str, Any]:
         """Evaluate every domain and task; append the row to evals.jsonl (main rank); return it.
 
+        The row: ``{"step", "phase", "phase_index", "phase_end", "ppl": {domain: ppl},
+        "acc": {task: acc}, "acc_norm": {task: acc_norm}, "tokens": {domain: predicted tokens},
+        "n": {task: examples}, "seconds"}``; a value that cannot be computed is None.
         For the baseline of forward transfer, evaluate the starting model with
-        ``step=0, phase=INITIAL_PHASE, phase_index=INITIAL_PHASE_INDEX, phase_end=False``.
+        ``step=0, phase=INITIAL_PHASE, phase_index=INITIAL_PHASE_INDEX`` (phase_end ignored).
         """
         start = time.perf_counter()
         bs = self.cfg.batch_size
@@ -445,17 +446,29 @@ class Evaluator:
     ) -> dict[str, Any]:
         """Build the continual-learning report from evals.jsonl (main rank; others get {}).
 
-        ``phase_domains`` maps phase name -> domains trained in it (from the data config); a
-        domain is "learned" in the first phase that lists it. Without it, a domain named like
-        a phase belongs to that phase. Writes cl_report.json and plots/*.png.
+        ``phase_domains`` maps phase name -> domains trained in it; a domain is "learned" in
+        the first phase that lists it. When None it is read from the run's saved
+        ``<output_dir>/config.yaml`` (``data.phases``); failing that, a domain named like a
+        phase belongs to that phase. Writes cl_report.json and plots/*.png.
         """
         if not self.is_main:
             return {}
+        if phase_domains is None:
+            phase_domains = _phase_domains_from_saved_config(self.output_dir / "config.yaml")
         rows = load_jsonl(self.evals_path) if self.evals_path.is_file() else []
         report = build_report(rows, phase_names, phase_domains)
         self.report_path.write_text(json.dumps(report, indent=2) + "\n")
         plots.plot_report(report, rows, self.output_dir / "plots")
         return report
+
+
+def _phase_domains_from_saved_config(path: Path) -> dict[str, list[str]] | None:
+    if not path.is_file():
+        return None
+    import yaml
+
+    phases = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("phases") or []
+    return {p["name"]: list(p.get("domains") or {}) for p in phases if "name" in p} or None
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -66,7 +66,9 @@ def plot_matrix(
             if np.isfinite(data[i, j]):
                 v = data[i, j]
                 text = f"{v:.3g}" if abs(v) >= 100 else f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"
-                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+                r, g, b, _ = im.cmap(im.norm(v))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                ax.text(j, i, text, ha="center", va="center", color=ink, fontsize=8)
     return _save(fig, path)
 
 
@@ -76,7 +78,8 @@ def plot_ppl_curves(
     """Perplexity of every domain over steps; dashed vertical lines at phase ends."""
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
-    ordered = sorted(rows, key=lambda r: r["step"])
+    # a resumed run may evaluate a step twice: the later row wins
+    ordered = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
     domains: dict[str, None] = {}
     for r in ordered:
         for d in r.get("ppl", {}):
