@@ -117,9 +117,9 @@ class Trainer:
             t_last = t_now
             phase_end = self.state.step == self.phase.end_step or self.state.step == self.max_steps
             self.maybe_evaluate(phase_end)
-            self.maybe_checkpoint(phase_end, force=stop_requested)
             if phase_end:
-                self.end_phase()
+                self.end_phase()  # before the checkpoint: a resumed run starts the next phase
+            self.maybe_checkpoint(phase_end, force=stop_requested)
             if stop_requested:
                 self.exit_reason = "signal"
                 break
