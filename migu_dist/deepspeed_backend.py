@@ -23,7 +23,7 @@ from typing import Any
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -127,7 +127,9 @@ class DeepSpeedBackend(Backend):
             {"params": no_decay, "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        opt = FreezableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        # The fused (single-kernel) AdamW where torch has it for the device: GPUs.
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        opt = FreezableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **fused)
         sched = LambdaLR(opt, lr_lambda)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config
@@ -205,6 +207,24 @@ class DeepSpeedBackend(Backend):
                 hp=(param, 0),
             )
 
+    def local_params(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+        for name, param in self.engine.module.named_parameters():
+            if not param.requires_grad:
+                continue
+            if hasattr(param, "ds_id"):  # ZeRO-3: our slice of the fp32 partition
+                start = param._z3_optimizer._get_param_partition_rank(param)
+                start *= param.partition_numel()
+                numel = max(0, min(param.partition_numel(), param.ds_numel - start))
+                master = safe_get_local_fp32_param(param).view(-1)[:numel]
+            elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
+                master = param._hp_mapping.hp_fragment.view(-1)
+            elif self.zero_stage == 0 and not use_bf16(self.cfg):
+                master = param.data.view(-1)
+            else:  # this rank owns no element of it
+                continue
+            if master.numel():
+                yield name, param, master
+
     def freeze_elements(self, frag: GradFragment, frozen: torch.Tensor) -> None:
         assert frag.hp is not None and self.optimizer is not None
         tensor, offset = frag.hp
@@ -224,16 +244,17 @@ class DeepSpeedBackend(Backend):
     def skip_step(self) -> None:
         # Zero every gradient we own and freeze every optimizer element, then let DeepSpeed
         # run its step: weights and moments stay bit-identical, counters stay consistent.
+        # Freeze through each fragment's optimizer tensor: under ZeRO-3 the optimizer's
+        # param_groups are empty between steps (DeepSpeed fills them per sub-group inside
+        # step()), so freezing "every tensor of every group" froze nothing there and AdamW's
+        # weight decay still moved the weights of a skipped step.
         for p in self.engine.module.parameters():
             for frag in self.grad_fragments(p):
                 g = frag.get()
                 g.zero_()
                 frag.set(g)
-        for group in self.optimizer.param_groups:
-            for t in group["params"]:
-                self.optimizer.freeze(
-                    t, 0, torch.ones(t.numel(), dtype=torch.bool, device=t.device)
-                )
+                ones = torch.ones(frag.numel, dtype=torch.bool, device=g.device)
+                self.freeze_elements(frag, ones)
         self.engine.step()
         self._micro = 0
 

@@ -42,3 +42,15 @@ def test_attention_auto_is_sdpa_without_gpu_flash_attn():
     if not torch.cuda.is_available():
         assert resolve_attn_implementation("auto") == "sdpa"
     assert resolve_attn_implementation("eager") == "eager"
+
+
+def test_flops_per_token_hand_computed():
+    from train.model import flops_per_token
+
+    cfg = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=1,
+                      num_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = build_model(cfg, seed=0)
+    # Non-embedding parameters: q,k,v,o 4*8*8 + gate,up,down 3*8*16 + 2 norms 2*8 + final
+    # norm 8 + lm_head 100*8.
+    n = 4 * 64 + 3 * 128 + 16 + 8 + 800
+    assert flops_per_token(model, seq_len=32) == 6 * n + 12 * 1 * 8 * 32

@@ -128,7 +128,8 @@ class EngineConfig:
     """The sharding backend."""
 
     backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
-    """Which backend trains the model. fsdp2 is not implemented yet."""
+    """Which backend trains the model: deepspeed (ZeRO, engine.zero_stage) or fsdp2 (PyTorch
+    fully_shard per decoder block; engine.zero_stage and engine.deepspeed_config are ignored)."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage, 0-3. Stage 3 shards parameters, gradients and optimizer state."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -167,6 +168,41 @@ class MiguConfig:
     leaves the first task unmasked: list all phases but the first to match it."""
     selection: Literal["magnitude", "random"] = "magnitude"
     """magnitude: the method. random: the paper's ablation, a random mask with the same ratio."""
+
+
+_LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the linear layers; only the adapters train when enabled."""
+
+    enabled: bool = False
+    """Wrap the model's target linears with LoRA adapters and freeze every base weight. MIGU
+    (when on) then masks the rows of the adapters' A and B matrices."""
+    r: int = 8
+    """Adapter rank: A is (r, in_features), B is (out_features, r)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter output is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: list(_LLAMA_LINEARS))
+    """Module-name suffixes that get an adapter (peft's target_modules); default every linear
+    layer of the transformer blocks."""
+
+
+@dataclass
+class RegularizationConfig:
+    """A penalty keeping the weights close to where the current phase started."""
+
+    kind: Literal["none", "l2"] = "none"
+    """none, or l2: adds strength/2 * ||w - w_phase_start||^2 to the loss, applied as the
+    gradient term strength * (w - w_phase_start) on each rank's own shard before the step."""
+    strength: float = 0.0
+    """Coefficient of the penalty (per element; the gradient term is strength * (w - w0))."""
+    phases: list[str] | None = None
+    """Names of phases in which the penalty is on; None means every phase but the first (the
+    first phase has no earlier knowledge to keep)."""
 
 
 @dataclass
@@ -280,6 +316,10 @@ class LoggingConfig:
     """Write a metrics row every N steps."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOPS of one accelerator in the training dtype (H100 SXM bf16: 989). When
+    > 0, each metrics row carries ``mfu`` (model FLOPs utilisation, PaLM's 6N + 12·L·d·T
+    FLOPs per token)."""
 
 
 @dataclass
@@ -296,6 +336,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     migu: MiguConfig = field(default_factory=MiguConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -520,8 +562,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.append(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}.")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         p.append(f"engine.zero_stage: {cfg.engine.zero_stage} is not a ZeRO stage; use 0-3.")
-    if cfg.engine.backend == "fsdp2":
-        p.append("engine.backend: fsdp2 is not implemented yet; use deepspeed.")
     if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
         p.append(f"engine.deepspeed_config: {cfg.engine.deepspeed_config!r} does not exist.")
     if not 0 < cfg.migu.keep_ratio <= 1:
@@ -533,6 +573,7 @@ def validate(cfg: Config, world_size: int) -> list[str]:
             re.compile(rx)
         except re.error as e:
             p.append(f"migu.include/exclude[{i}]: {rx!r} is not a valid regex ({e}).")
+    p += _validate_baselines(cfg)
     p += _validate_data(cfg)
     if cfg.eval.every_steps < 0:
         p.append("eval.every_steps: must be >= 0 (0 evaluates only at phase ends).")
@@ -548,6 +589,33 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.append("checkpoint.keep_last: must be >= 1.")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
         p.append(f"resume: {cfg.resume!r} is neither auto, never, nor a checkpoint directory.")
+    return p
+
+
+def _validate_baselines(cfg: Config) -> list[str]:
+    """LoRA and regularisation sections."""
+    p: list[str] = []
+    lo, reg = cfg.lora, cfg.regularization
+    if lo.enabled:
+        if lo.r <= 0:
+            p.append(f"lora.r: must be > 0, got {lo.r}.")
+        if lo.alpha <= 0:
+            p.append(f"lora.alpha: must be > 0, got {lo.alpha}.")
+        if not 0 <= lo.dropout < 1:
+            p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}.")
+        if not lo.target_modules:
+            p.append("lora.target_modules: name at least one module, e.g. [q_proj, v_proj].")
+    if reg.strength < 0:
+        p.append(f"regularization.strength: must be >= 0, got {reg.strength}.")
+    if reg.kind != "none" and reg.strength == 0:
+        p.append(
+            f"regularization.strength: 0 makes kind={reg.kind} a no-op; set a positive "
+            "strength (e.g. 0.1) or kind: none."
+        )
+    names = {ph.name for ph in cfg.data.phases}
+    for name in reg.phases or []:
+        if name not in names:
+            p.append(f"regularization.phases: {name!r} is not a phase; known: {sorted(names)}.")
     return p
 
 

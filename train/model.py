@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager as ContextManager
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.config import ModelConfig
+from train.config import LoraConfig, ModelConfig
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -53,8 +53,10 @@ def build_model(
     seed: int,
     dtype: torch.dtype = torch.float32,
     init_context: ContextManager | None = None,
+    lora: LoraConfig | None = None,
 ) -> LlamaForCausalLM:
-    """Create the model on every rank identically (same seed), inside ``init_context``."""
+    """Create the model on every rank identically (same seed), inside ``init_context``; with
+    ``lora.enabled``, inject LoRA adapters and freeze everything else."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)
     with init_context or contextlib.nullcontext():
@@ -67,6 +69,8 @@ def build_model(
             hf_cfg._attn_implementation = attn
             model = LlamaForCausalLM(hf_cfg).to(dtype)
     model.config.use_cache = False
+    if lora is not None and lora.enabled:
+        add_lora(model, lora, seed=seed)
     if cfg.activation_checkpointing:
         # Non-reentrant checkpointing: the recompute runs inside autograd's backward, which is
         # how MIGU's hooks tell a recompute from a real forward.
@@ -75,3 +79,39 @@ def build_model(
         else:
             model.gradient_checkpointing_enable({"use_reentrant": False})
     return model
+
+
+def add_lora(model: LlamaForCausalLM, cfg: LoraConfig, *, seed: int) -> None:
+    """Inject peft LoRA adapters in place (module names gain ``.base_layer``/``.lora_A.default``/
+    ``.lora_B.default``) and freeze every non-adapter parameter.
+
+    Called outside ``zero.Init`` on purpose: peft initialises A (Kaiming) and B (zeros) after
+    creating them, which would be a no-op on already-partitioned tensors. The adapters are
+    small and identical on every rank (same seed); ZeRO-3 partitions them in its setup.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(seed + 1)
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+    )
+    inject_adapter_in_model(peft_cfg, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6 * N + 12 * layers * d_model * seq_len, with
+    N the non-embedding parameters (partitioned ZeRO-3 parameters count whole)."""
+    n = sum(
+        getattr(p, "ds_numel", p.numel())
+        for name, p in model.named_parameters()
+        if "embed_tokens" not in name
+    )
+    c = model.config
+    return 6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len

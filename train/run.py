@@ -11,7 +11,7 @@ from migu_dist.migu import Migu
 from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
-from train.model import build_model
+from train.model import build_model, flops_per_token
 from train.schedule import lr_lambda
 from train.tokenizer import load_tokenizer
 from train.tracking import NullTracker, Tracker, print0
@@ -71,6 +71,8 @@ def build_trainer(cfg: Config) -> Trainer:
         )
     ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
     trainer = Trainer(cfg, backend, data, migu=migu, evaluator=evaluator, checkpointer=ckpt)
+    if cfg.logging.peak_tflops:
+        trainer.flops_per_token = flops_per_token(model, cfg.train.seq_len)
     source = resume_source(cfg, ckpt)
     if source is not None:
         trainer.restore(*source)

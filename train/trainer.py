@@ -79,6 +79,7 @@ class Trainer:
         self.state = TrainState()
         self.phases: list[PhasePlan] = data.phases()
         self.max_steps = min(cfg.train.max_steps, self.phases[-1].end_step)
+        self.flops_per_token = 0.0  # set by the assembly when MFU is wanted
         self._stop_signal: int | None = None
         self.exit_reason = "finished"
 
@@ -204,12 +205,20 @@ class Trainer:
             "tokens": self.state.tokens,
             "tokens_per_s": n / dt if dt > 0 else float("nan"),
             "grad_norm": metrics.pop("grad_norm"),
+            **self._mfu(n / dt if dt > 0 else 0.0),
             "phase": batch.phase,
             "tokens_by_domain": dict(self.state.tokens_by_domain),
             "tokens_by_phase": dict(self.state.tokens_by_phase),
             **metrics,
         }
         self.tracker.log(row)
+
+    def _mfu(self, tokens_per_s: float) -> dict[str, float]:
+        peak = self.cfg.logging.peak_tflops
+        if not peak or not self.flops_per_token:
+            return {}
+        achieved = self.flops_per_token * tokens_per_s / self.backend.world_size
+        return {"mfu": achieved / (peak * 1e12)}
 
     def maybe_evaluate_initial(self) -> None:
         """Evaluate the starting model once (the baseline for forward transfer)."""
