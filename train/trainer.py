@@ -18,6 +18,7 @@ import torch
 
 from migu_dist.backend import Backend
 from migu_dist.migu import Migu
+from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
 from train.config import Config
 from train.data import Batch, CPTDataLoader, PhasePlan
@@ -65,6 +66,7 @@ class Trainer:
         data: CPTDataLoader,
         *,
         migu: Migu | None = None,
+        regularizer: L2Anchor | None = None,
         evaluator: Any | None = None,
         checkpointer: Checkpointer | None = None,
         tracker: NullTracker | None = None,
@@ -73,6 +75,7 @@ class Trainer:
         self.backend = backend
         self.data = data
         self.migu = migu
+        self.regularizer = regularizer
         self.evaluator = evaluator
         self.ckpt = checkpointer
         self.tracker = tracker or NullTracker()
@@ -108,6 +111,8 @@ class Trainer:
                 migu_stats = {}
                 if self.migu is not None and self.migu.active(self.state.step, batch.phase):
                     migu_stats = self.migu.apply(self.backend, self.state.step, batch.phase)
+                if self.regularizer is not None:  # snapshots the anchor at a phase's start
+                    migu_stats.update(self.regularizer.apply(self.backend, batch.phase))
                 metrics = {**self.backend.step(), **migu_stats}
             if self.migu is not None:
                 self.migu.reset()
@@ -115,7 +120,6 @@ class Trainer:
             t_now = time.perf_counter()
             self._count_tokens(batch)
             self.maybe_log(batch, loss, metrics, t_now - t_last)
-            t_last = t_now
             phase_end = self.state.step == self.phase.end_step or self.state.step == self.max_steps
             self.maybe_evaluate(phase_end)
             if phase_end:
@@ -281,6 +285,7 @@ class Trainer:
             "rng": rng_state(),
             "data": self.data.state_dict(),
             "migu": self.migu.state_dict() if self.migu is not None else None,
+            "regularizer": self.regularizer.state_dict() if self.regularizer else None,
         }
         ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
         if not ok and self.state.step == self.max_steps:
@@ -311,6 +316,8 @@ class Trainer:
         self.data.load_state_dict(rank_state["data"])
         if self.migu is not None and rank_state.get("migu") is not None:
             self.migu.load_state_dict(rank_state["migu"])
+        if self.regularizer is not None and rank_state.get("regularizer") is not None:
+            self.regularizer.load_state_dict(rank_state["regularizer"])
         set_rng_state(rank_state["rng"])
         # Phase-end checkpoints are written before the loop's end_phase(); finish that
         # boundary here so the resumed run starts in the next phase.
