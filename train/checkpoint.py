@@ -52,6 +52,28 @@ def _crc32(path: Path) -> int:
     return crc
 
 
+def _free(path: Path) -> str:
+    try:
+        return f" ({shutil.disk_usage(path).free / 2**20:.0f} MB free on {path})"
+    except OSError:
+        return ""
+
+
+def _check_file(p: Path, rel: str, meta: dict[str, int]) -> str | None:
+    """None if ``p`` has the manifest's size and CRC32, else what is wrong."""
+    try:
+        size = p.stat().st_size
+        if size != meta["size"]:
+            return f"{rel}: size {size} != {meta['size']} (truncated?)"
+        if _crc32(p) != meta["crc32"]:
+            return f"{rel}: checksum mismatch (corrupt)"
+    except FileNotFoundError:
+        return f"missing file {rel}"
+    except OSError as e:
+        return f"{rel}: unreadable ({e})"
+    return None
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -72,52 +94,80 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
     """Save, validate, rotate and load checkpoints of a run."""
 
-    def __init__(self, root: str | Path, backend: Backend, keep_last: int = 2):
+    def __init__(self, root: str | Path, backend: Backend | None = None, keep_last: int = 2):
+        """``backend`` None: a single-process reader (find/verify only, e.g. for export)."""
         self.root = Path(root)
         self.backend = backend
         self.keep_last = keep_last
-        self.rank = backend.rank
-        self.world = backend.world_size
+        self.rank = backend.rank if backend is not None else 0
+        self.world = backend.world_size if backend is not None else 1
 
     # ---------------------------------------------------------------- save
 
     def save(
         self, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], pinned: bool
     ) -> bool:
-        """Collective. Returns False (and keeps every earlier checkpoint) if the save failed."""
+        """Collective. Returns False (and keeps every earlier checkpoint) if the save failed.
+
+        Every rank runs the same sequence of collectives whatever fails where: an I/O error
+        (full disk, quota, read-only mount) is caught per rank, the ranks agree on the outcome,
+        and a failed attempt's directory is removed. The backend's own save must complete its
+        collectives even when its writes fail (see ``Backend.save``).
+        """
         tag = tag_for(step)
         d = self.root / tag
         ok = True
-        try:
-            if self.rank == 0:
+        if self.rank == 0:
+            try:
                 self.root.mkdir(parents=True, exist_ok=True)
-                if d.exists():  # an earlier, incomplete attempt at this step
+                if d.exists():  # an earlier, incomplete (or damaged) attempt at this step
                     shutil.rmtree(d)
-            _barrier()
-            self.backend.save(str(self.root), tag, client_state={})
-            torch.save(rank_state, d / f"rank_{self.rank:05d}.pt")
-            if self.rank == 0:
-                state = dict(trainer_state, world_size=self.world, tag=tag)
-                _atomic_write(d / "trainer_state.json", json.dumps(state, indent=1))
-        except OSError as e:  # e.g. a full disk: this save fails, earlier ones stay
-            print(f"[rank {self.rank}] checkpoint {tag} failed: {e}", flush=True)
-            ok = False
+            except OSError as e:
+                print(f"checkpoint {tag}: cannot prepare {d}: {e}", flush=True)
+                ok = False
         ok = all(_all_gather_objects(ok))
+        if ok:
+            try:
+                self.backend.save(str(self.root), tag, client_state={})
+                torch.save(rank_state, d / f"rank_{self.rank:05d}.pt")
+                if self.rank == 0:
+                    state = dict(trainer_state, world_size=self.world, tag=tag)
+                    _atomic_write(d / "trainer_state.json", json.dumps(state, indent=1))
+            except (OSError, RuntimeError) as e:
+                # torch.save reports a full disk as a RuntimeError ("unexpected pos").
+                print(
+                    f"[rank {self.rank}] checkpoint {tag} failed: {e}{_free(self.root)}", flush=True
+                )
+                ok = False
+            ok = all(_all_gather_objects(ok))
         if ok:
             ok = self._write_manifest(d)
         if not ok:
             if self.rank == 0:
                 shutil.rmtree(d, ignore_errors=True)
+                print(
+                    f"WARNING: checkpoint {tag} was not saved; earlier checkpoints are intact "
+                    f"(latest: {self.latest_tag()}).",
+                    flush=True,
+                )
             _barrier()
             return False
         if self.rank == 0:
-            if pinned:
-                pins = self.pinned() | {tag}
-                _atomic_write(self.root / "pinned", "\n".join(sorted(pins)) + "\n")
-            _atomic_write(self.root / "latest", tag)
-            self._rotate()
+            try:
+                if pinned:
+                    pins = self.pinned() | {tag}
+                    _atomic_write(self.root / "pinned", "\n".join(sorted(pins)) + "\n")
+                _atomic_write(self.root / "latest", tag)
+                self._rotate(keep=tag)
+            except OSError as e:  # the checkpoint itself is complete; load finds it anyway
+                print(f"checkpoint {tag}: updating latest/pinned failed: {e}", flush=True)
         _barrier()
         return True
+
+    def latest_tag(self) -> str | None:
+        """What ``latest`` points to (not verified), or None."""
+        p = self.root / "latest"
+        return p.read_text().strip() if p.is_file() else None
 
     def _write_manifest(self, d: Path) -> bool:
         # Every rank checksums a share of the files, in parallel; rank 0 writes the manifest.
@@ -149,11 +199,18 @@ class Checkpointer:
         p = self.root / "pinned"
         return set(p.read_text().split()) if p.exists() else set()
 
-    def _rotate(self) -> None:
+    def _rotate(self, keep: str) -> None:
+        """Delete unpinned checkpoints beyond keep_last, and leftovers of failed saves."""
         pins = self.pinned()
         tags = [t for t in self.complete_tags() if t not in pins]
         for old in tags[: -self.keep_last]:
             shutil.rmtree(self.root / old, ignore_errors=True)
+        complete = set(self.complete_tags())
+        for p in self.root.glob("step_*"):
+            # A directory without manifest older than the checkpoint just written is what a
+            # crash or a full disk left behind: never loadable, only taking space.
+            if p.is_dir() and p.name < keep and p.name not in complete:
+                shutil.rmtree(p, ignore_errors=True)
 
     # ---------------------------------------------------------------- validate & load
 
@@ -173,30 +230,50 @@ class Checkpointer:
         except (OSError, ValueError, KeyError) as e:
             return f"unreadable manifest ({e})"
         for rel, meta in manifest.items():
-            p = d / rel
-            if not p.is_file():
-                return f"missing file {rel}"
-            if p.stat().st_size != meta["size"]:
-                return f"{rel}: size {p.stat().st_size} != {meta['size']} (truncated?)"
-            if _crc32(p) != meta["crc32"]:
-                return f"{rel}: checksum mismatch (corrupt)"
+            problem = _check_file(d / rel, rel, meta)
+            if problem:
+                return problem
         return None
 
+    def verify_collective(self, d: Path) -> str | None:
+        """``verify`` with the checksumming shared among the ranks (each reads ~1/world of the
+        bytes). Collective; every rank gets the same answer."""
+        try:
+            manifest = json.loads((d / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError) as e:
+            problem: str | None = f"unreadable manifest ({e})"
+        else:
+            problem = None
+            for i, (rel, meta) in enumerate(sorted(manifest.items())):
+                if i % self.world == self.rank:
+                    problem = _check_file(d / rel, rel, meta)
+                    if problem:
+                        break
+        problems = [p for p in _all_gather_objects(problem) if p]
+        return problems[0] if problems else None
+
     def find_latest_good(self) -> str | None:
-        """The newest checkpoint that verifies, starting from ``latest``; warns on fallback."""
+        """The newest checkpoint that verifies, starting from ``latest``; warns on fallback.
+
+        Collective: the ranks share the checksumming and agree on the tag."""
         candidates = self.complete_tags()
-        latest = self.root / "latest"
-        if latest.is_file():
-            pointed = latest.read_text().strip()
+        pointed = self.latest_tag()
+        if pointed is not None:
+            if self.rank == 0 and pointed not in candidates:
+                print(
+                    f"WARNING: latest points to {pointed}, which is missing or incomplete (no "
+                    f"{MANIFEST}); looking for an earlier complete checkpoint.",
+                    flush=True,
+                )
             candidates = [t for t in candidates if t <= pointed]
         for tag in reversed(candidates):
-            problem = self.verify(self.root / tag)
+            problem = self.verify_collective(self.root / tag)
             if problem is None:
                 return tag
             if self.rank == 0:
                 print(
-                    f"WARNING: checkpoint {tag} is damaged ({problem}); falling back to the "
-                    "previous one.",
+                    f"WARNING: checkpoint {self.root / tag} is damaged ({problem}); falling back "
+                    "to the previous complete checkpoint.",
                     flush=True,
                 )
         return None

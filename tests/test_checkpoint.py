@@ -1,0 +1,402 @@
+"""Sharded checkpoints, exact resume, fault tolerance and Hugging Face export.
+
+Real 2-rank DeepSpeed ZeRO-3 runs on gloo (``torchrun --standalone``), no mocks. One
+uninterrupted reference run (``reference``) is shared: every interrupted run must reproduce
+its metrics rows bit for bit after the step it resumed from, and its final checkpoint is the
+one exported and compared against the distributed model's logits.
+
+Signals: ``torchrun`` forwards a SIGTERM it receives to the workers (they checkpoint and exit
+0) but then exits 1 itself (``SignalException``); a SIGTERM sent to the workers makes them
+checkpoint and exit 0, and ``torchrun`` then exits 0. The test sends it to the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from train.checkpoint import MANIFEST, Checkpointer, tag_for
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/tiny-cpu.yaml"
+# 12 steps over three phases of 4; a checkpoint every 3 steps and at each phase end (pinned).
+BASE = [
+    "train.max_steps=12",
+    "data.phases.0.steps=4",
+    "data.phases.1.steps=4",
+    "logging.wandb=false",
+    "logging.progress_bar=false",
+    "eval.at_phase_end=false",
+    "eval.tasks=[]",
+    "checkpoint.every_steps=3",
+    "engine.dist_timeout_minutes=2",  # a collective mismatch fails the test, not hangs it
+]
+TIMEOUT = 240
+
+
+def start(out: Path, extra: list[str] = (), script: str = "launch/cpt.py", nproc: int = 2):
+    """Launch a run in its own process group; output goes to ``out``.log."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", script, "--config", CONFIG, f"output_dir={out}"]
+    log = open(f"{out}.log", "ab")  # noqa: SIM115 - closed by finish()
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(
+        cmd + BASE + list(extra),
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc, out: Path, timeout: float = TIMEOUT) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc, signal.SIGKILL)
+        rc = proc.wait()
+        pytest.fail(f"run {out} timed out:\n{Path(f'{out}.log').read_text()[-3000:]}")
+    proc.log.close()
+    return rc, Path(f"{out}.log").read_text()
+
+
+def run(out: Path, extra: list[str] = (), **kw) -> tuple[int, str]:
+    return finish(start(out, extra, **kw), out)
+
+
+def rows(out: Path) -> dict[int, dict]:
+    """Metrics rows by step; after a resume the re-run steps replace the first attempt's."""
+    by_step = {}
+    path = out / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        row.pop("tokens_per_s")  # wall clock
+        by_step[row["step"]] = row
+    return by_step
+
+
+def wait_for_step(proc, out: Path, step: int, timeout: float = TIMEOUT) -> None:
+    t0 = time.monotonic()
+    while max(rows(out), default=0) < step:
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            pytest.fail(f"run {out} ended or stalled before step {step}")
+        time.sleep(0.05)
+
+
+def workers(proc) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "cpt.py" in " ".join(p.cmdline())
+    ]
+
+
+def kill_all(proc, sig: int) -> None:
+    """torchrun starts each worker in its own session: killing torchrun's process group
+    would leave the workers running. Signal them all, workers first."""
+    ranks = workers(proc)
+    for p in ranks:
+        p.send_signal(sig)
+    psutil.wait_procs(ranks, timeout=30)
+    proc.send_signal(sig)
+
+
+def latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def resumed_step(log: str) -> int:
+    line = next(ln for ln in log.splitlines() if ln.startswith("Resumed from"))
+    return int(line.rsplit(" ", 1)[1])
+
+
+def assert_same_trajectory(out: Path, ref: dict[int, dict], after: int) -> None:
+    got = rows(out)
+    assert sorted(got) == sorted(ref), "steps differ"
+    for step in range(after + 1, max(ref) + 1):
+        assert got[step] == ref[step], f"step {step} differs after resuming at {after}"
+
+
+def flip_bytes(path: Path) -> None:
+    """Corrupt a shard without changing its size (only the checksum can tell)."""
+    with path.open("r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        b = f.read(16)
+        f.seek(-16, 1)
+        f.write(bytes(x ^ 0xFF for x in b))
+
+
+def zero_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """Uninterrupted run through ``build_trainer`` + logits of the final sharded model, with
+    a Hugging Face export at every phase end."""
+    out = tmp_path_factory.mktemp("ckpt") / "ref"
+    rc, log = run(
+        out, ["checkpoint.export_hf_at_phase_end=true"], script="tests/workers/ckpt_train.py"
+    )
+    assert rc == 0, log[-3000:]
+    return out
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.slow
+def test_sigterm_sigkill_corruption_resume_bit_identical(reference, tmp_path):
+    """One run, interrupted twice, always restarted with the same command:
+
+    1. SIGTERM to the workers at step >= 5: checkpoint at the next step boundary, exit 0
+       (torchrun too). The restart resumes there, in the middle of a phase.
+    2. SIGKILL of everything at step >= 10 (latest: step 9). The newest checkpoint is then
+       corrupted (same size, flipped bytes) and a half-written one (no manifest) lies next to
+       it. The restart warns, falls back to the previous complete checkpoint (step 8, the
+       phase-2 boundary) and finishes.
+    Every metrics row (loss, lr, grad norm, phase, tokens by domain/phase, MIGU statistics)
+    equals the uninterrupted reference run's, bit for bit."""
+    ref = rows(reference)
+    out = tmp_path / "interrupted"
+    ck = out / "checkpoints"
+    proc = start(out)
+    wait_for_step(proc, out, 5)
+    ranks = workers(proc)
+    assert len(ranks) == 2
+    for w in ranks:
+        w.send_signal(signal.SIGTERM)
+    rc, log = finish(proc, out)
+    assert rc == 0, log[-3000:]
+    stopped = max(rows(out))
+    assert f"Stop signal: checkpoint at step {stopped}, then exit." in log
+    assert "exit=signal" in log
+    assert latest(out) == tag_for(stopped) and stopped < 9
+    assert Checkpointer.verify(ck / tag_for(stopped)) is None
+
+    proc = start(out)
+    wait_for_step(proc, out, 10)
+    kill_all(proc, signal.SIGKILL)
+    rc, log = finish(proc, out)
+    assert f"Resumed from {ck / tag_for(stopped)} at step {stopped}" in log
+    newest = latest(out)
+    assert newest == tag_for(9)
+    flip_bytes(ck / newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    half = ck / tag_for(10)  # a save that died before its manifest
+    half.mkdir(exist_ok=True)
+    (half / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"partial")
+
+    Path(f"{out}.log").unlink()
+    rc, log = run(out)
+    assert rc == 0, log[-3000:]
+    assert f"checkpoint {ck / newest} is damaged" in log and "checksum mismatch" in log
+    assert resumed_step(log) == 8
+    assert_same_trajectory(out, ref, after=0)
+    assert {tag_for(4), tag_for(8), tag_for(12)} <= Checkpointer(ck).pinned()
+    assert not half.exists(), "a later save cleans up the half-written directory"
+    assert all(Checkpointer.verify(ck / t) is None for t in Checkpointer(ck).complete_tags())
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skip_then_stop(tmp_path):
+    """lr=1e30 blows the weights up after the first step, so every later loss is NaN/inf.
+    skip: the skipped step leaves weights and optimizer untouched and the run goes on;
+    after max_skipped_steps consecutive skips it stops non-zero with the last good
+    checkpoint intact."""
+    out = tmp_path / "nan"
+    extra = [
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "train.max_steps=6",
+        "train.nonfinite_loss=skip",
+        "train.max_skipped_steps=2",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=10",
+    ]
+    rc, log = run(out, extra)
+    assert rc != 0, log[-3000:]  # torchrun exits 1 whenever a worker fails (workers: 3)
+    got = rows(out)
+    skipped = [s for s, r in got.items() if r.get("skipped")]
+    assert skipped, f"no non-finite loss was produced: {got}"
+    first = skipped[0]
+    assert skipped == [first, first + 1], "two skips, then the third non-finite loss stops"
+    assert "Non-finite loss" in log and "stopping" in log
+    ck = out / "checkpoints"
+    # The stopping step writes nothing: latest is the last skipped step, complete and valid.
+    assert latest(out) == tag_for(first + 1)
+    assert Checkpointer.verify(ck / tag_for(first + 1)) is None
+    before, after = zero_state(ck, tag_for(first - 1)), zero_state(ck, tag_for(first + 1))
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} changed in a skipped step"
+    for rank in (0, 1):
+        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        a = torch.load(ck / tag_for(first - 1) / name, weights_only=False)
+        b = torch.load(ck / tag_for(first + 1) / name, weights_only=False)
+        sa = a["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        sb = b["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        for i in sa:
+            for m in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(sa[i][m], sb[i][m]), f"rank {rank} {m} moved when skipped"
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stop_policy(tmp_path):
+    out = tmp_path / "nanstop"
+    extra = [
+        "optim.lr=1e30",
+        "optim.warmup_steps=0",
+        "train.max_steps=4",
+        "train.nonfinite_loss=stop",
+        "checkpoint.every_steps=1",
+    ]
+    rc, log = run(out, extra)
+    assert rc != 0, log[-3000:]
+    assert "Non-finite loss" in log and "stopping" in log
+    last_good = max(rows(out))
+    assert last_good < 4 and latest(out) == tag_for(last_good)
+    assert Checkpointer.verify(out / "checkpoints" / tag_for(last_good)) is None
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_fails_the_save_cleanly(tmp_path):
+    """checkpoints/ on an 80 MB tmpfs; one checkpoint is ~50 MB, so the second save hits a
+    real ENOSPC mid-write (typically on one rank only: the other's shard fits). That save
+    fails on every rank without a hang, its directory is removed, the first checkpoint stays
+    complete and ``latest``; a failed final save exits non-zero."""
+    out = tmp_path / "full"
+    ck = out / "checkpoints"
+    if not _mount_tmpfs(ck, "80m"):
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    try:
+        rc, log = run(out, ["train.max_steps=3", "checkpoint.every_steps=1"])
+        listing = sorted(p.name for p in ck.iterdir())
+        ok_tag = tag_for(1)
+        assert rc != 0, log[-3000:]  # the final save failed too
+        assert f"checkpoint {tag_for(2)} was not saved; earlier checkpoints are intact" in log
+        assert f"checkpoint {tag_for(2)} failed" in log and "MB free" in log, log[-4000:]
+        assert latest(out) == ok_tag
+        assert [t for t in listing if t.startswith("step_")] == [ok_tag], listing
+        assert Checkpointer.verify(ck / ok_tag) is None
+        assert max(rows(out)) == 3, "training went on after the failed save"
+    finally:
+        subprocess.run(["umount", str(ck)])
+
+
+@pytest.mark.slow
+def test_world_size_change_is_refused(reference, tmp_path):
+    """A 2-rank ZeRO checkpoint resumed with 1 rank: refused, with what to do instead."""
+    src = reference / "checkpoints" / tag_for(12)
+    rc, log = run(tmp_path / "ws", [f"resume={src}"], nproc=1)
+    assert rc != 0
+    assert "was written by 2 ranks, this job has 1" in log
+    assert "launch/export_hf.py" in log and "model.init_from" in log
+
+
+# ------------------------------------------------------------------------------ offline
+
+
+def _copy_tags(reference: Path, dst: Path, tags: list[str]) -> Path:
+    import shutil
+
+    root = dst / "checkpoints"
+    for t in tags:
+        shutil.copytree(reference / "checkpoints" / t, root / t)
+    (root / "latest").write_text(tags[-1])
+    return root
+
+
+def test_truncated_latest_falls_back_and_manifestless_dir_is_ignored(reference, tmp_path, capsys):
+    root = _copy_tags(reference, tmp_path, [tag_for(8), tag_for(9), tag_for(12)])
+    shard = root / tag_for(12) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with shard.open("r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    assert "truncated" in Checkpointer.verify(root / tag_for(12))
+    (root / tag_for(9) / MANIFEST).unlink()  # an incomplete save: never a candidate
+    assert Checkpointer(root).find_latest_good() == tag_for(8)
+    err = capsys.readouterr().out
+    assert f"checkpoint {root / tag_for(12)} is damaged" in err
+    # latest pointing at a directory without manifest: warn, take the newest complete one.
+    (root / "latest").write_text(tag_for(9))
+    assert Checkpointer(root).find_latest_good() == tag_for(8)
+    assert "missing or incomplete" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def test_export_matches_trained_model_logits_and_generates(reference, tmp_path):
+    """launch/export_hf.py on checkpoints/ (latest = final step), one process, no GPU: the
+    exported model's logits equal the distributed ZeRO-3 model's, and it generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "launch/export_hf.py"]
+    cmd += ["--checkpoint", str(reference / "checkpoints"), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()
+    }
+    trained = torch.load(reference / "logits.pt", weights_only=False)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    for k, v in trained["state_dict"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+    with torch.no_grad():
+        logits = model(input_ids=trained["input_ids"]).logits
+    torch.testing.assert_close(logits, trained["logits"], rtol=1e-5, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The court", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 4)
+    # The phase-end exports are the pinned checkpoints (final phase = the final step).
+    science = AutoModelForCausalLM.from_pretrained(reference / "hf" / "science").state_dict()
+    assert all(torch.equal(science[k], v) for k, v in trained["state_dict"].items())
+    general = AutoModelForCausalLM.from_pretrained(reference / "hf" / "general").state_dict()
+    at4 = zero_state(reference / "checkpoints", tag_for(4))
+    assert all(torch.equal(general[k], v) for k, v in at4.items())
+    assert not torch.equal(general["lm_head.weight"], science["lm_head.weight"])
+
+
+def test_deepspeed_zero_to_fp32_script_reads_our_checkpoints(reference, tmp_path):
+    """The zero_to_fp32.py DeepSpeed copies into checkpoints/ follows our ``latest``."""
+    from safetensors.torch import load_file
+
+    ck = reference / "checkpoints"
+    cmd = [
+        sys.executable,
+        str(ck / "zero_to_fp32.py"),
+        str(ck),
+        str(tmp_path),
+        "--safe_serialization",
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sd = load_file(tmp_path / "model.safetensors")
+    trained = torch.load(reference / "logits.pt", weights_only=False)["state_dict"]
+    assert sd.keys() == trained.keys()
+    assert all(torch.equal(sd[k], v) for k, v in trained.items())

@@ -1,0 +1,149 @@
+"""Checkpoint -> Hugging Face ``LlamaForCausalLM`` directory, in one process, on CPU.
+
+ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, which needs neither
+the original number of ranks nor a GPU: it reads every rank's fp32 master partition from the
+``*_optim_states.pt`` files and stitches each parameter back together. The exported directory
+holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (sharded above 5 GB)
+and the tokenizer, and loads with ``AutoModelForCausalLM.from_pretrained``.
+
+    python launch/export_hf.py --checkpoint runs/x/checkpoints --out hf/x     # latest good
+    python launch/export_hf.py --checkpoint runs/x/checkpoints/step_00000040 --out hf/x
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from train.checkpoint import MANIFEST, Checkpointer
+from train.config import Config, ConfigError, _build, load_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """``(checkpoints root, tag)`` for a step directory, or a root's newest good checkpoint."""
+    p = Path(path)
+    if (p / MANIFEST).is_file() or (p / "trainer_state.json").is_file():
+        return p.parent, p.name
+    tag = Checkpointer(p).find_latest_good()
+    if tag is None:
+        raise ExportError(
+            f"{p} holds no complete checkpoint (a step_* directory with {MANIFEST} whose files "
+            "verify); pass a run's checkpoints/ directory or one of its step directories."
+        )
+    return p, tag
+
+
+def run_config(root: Path, world_size: int, config_path: str | Path | None = None) -> Config:
+    """The run's resolved config (``<output_dir>/config.yaml`` next to ``checkpoints/``).
+
+    Falls back to the unvalidated file when validation fails only because, say, the training
+    data is not on this machine: export needs just the model shape and the tokenizer."""
+    path = Path(config_path) if config_path else root.parent / "config.yaml"
+    if not path.is_file():
+        raise ExportError(f"no run config at {path}; pass --config <output_dir>/config.yaml.")
+    try:
+        return load_config(path, world_size=world_size)
+    except ConfigError as e:
+        problems: list[str] = []
+        cfg = _build(Config, yaml.safe_load(path.read_text()) or {}, "", problems)
+        if problems:
+            raise
+        print(f"note: {path} does not validate on this machine ({e}); using it as written.")
+        return cfg
+
+
+def consolidated_state_dict(root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of checkpoint ``root/tag`` (keys as in the HF model)."""
+    from migu_dist.fsdp2_backend import consolidate, is_fsdp2_checkpoint
+
+    if is_fsdp2_checkpoint(root / tag):  # engine.backend=fsdp2: torch.distributed.checkpoint
+        return consolidate(root / tag)
+    if zero_stage == 0:  # no ZeRO partitions: DeepSpeed saved the whole module
+        states = torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+
+
+def hf_config(cfg: Config, dtype: torch.dtype):
+    """The ``LlamaConfig`` the run trained: from ``init_from``'s config.json, else the shape."""
+    from transformers import LlamaConfig
+
+    from train.model import llama_config
+
+    if cfg.model.init_from:
+        config = LlamaConfig.from_pretrained(cfg.model.init_from)
+    else:
+        config = llama_config(cfg.model)
+    config.use_cache = True  # training turns it off; generation wants it
+    config.dtype = dtype
+    return config
+
+
+def export_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    cfg: Config | None = None,
+    dtype: str = "float32",
+    tokenizer: bool = True,
+    verify: bool = True,
+) -> Path:
+    """Write checkpoint ``checkpoint`` (a step dir, or a checkpoints/ root meaning its newest
+    good one) as a Hugging Face Llama directory ``out``. Single process, CPU only."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    root, tag = resolve_checkpoint(checkpoint)
+    d = root / tag
+    if verify:
+        problem = Checkpointer.verify(d)
+        if problem:
+            raise ExportError(f"checkpoint {d} is damaged ({problem}); export another one.")
+    state = json.loads((d / "trainer_state.json").read_text())
+    cfg = cfg or run_config(root, world_size=state["world_size"])
+    torch_dtype = DTYPES[dtype]
+
+    sd = consolidated_state_dict(root, tag, cfg.engine.zero_stage)
+    config = hf_config(cfg, torch_dtype)
+    with torch.device("meta"):  # no random init of a model we overwrite anyway
+        model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(
+            f"{d}: weights do not fit the model: missing {missing}, extra {unexpected}."
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.to(torch_dtype)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="5GB")
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    if tokenizer:
+        from train.tokenizer import load_tokenizer
+
+        load_tokenizer(cfg.data.tokenizer).save_pretrained(str(out))
+    train = state.get("train", {})
+    info = {
+        "checkpoint": str(d.resolve()),
+        "step": train.get("step"),
+        "finished_phases": train.get("finished_phases"),
+        "tokens": train.get("tokens"),
+        "dtype": dtype,
+    }
+    (out / "migu_cpt_export.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
