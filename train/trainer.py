@@ -301,12 +301,13 @@ class Trainer:
         from train.export import export_hf
 
         if self.backend.rank == 0:
-            out = Path(self.cfg.output_dir, "hf", self.phase.name)
+            phase = self.state.finished_phases[-1]  # fit() ends the phase before saving
+            out = Path(self.cfg.output_dir, "hf", phase)
             try:
                 export_hf(self.ckpt.root / tag_for(self.state.step), out, cfg=self.cfg)
-                print(f"Exported phase {self.phase.name} to {out}", flush=True)
+                print(f"Exported phase {phase} to {out}", flush=True)
             except Exception as e:  # noqa: BLE001 - an export must never kill the run
-                print(f"WARNING: export of phase {self.phase.name} failed: {e!r}", flush=True)
+                print(f"WARNING: export of phase {phase} failed: {e!r}", flush=True)
         self.backend.barrier()
 
     def restore(self, source: Checkpointer, tag: str) -> None:
@@ -319,12 +320,6 @@ class Trainer:
         if self.regularizer is not None and rank_state.get("regularizer") is not None:
             self.regularizer.load_state_dict(rank_state["regularizer"])
         set_rng_state(rank_state["rng"])
-        # Phase-end checkpoints are written before the loop's end_phase(); finish that
-        # boundary here so the resumed run starts in the next phase.
-        if self.state.step == self.phase.end_step and self.phase.name not in (
-            self.state.finished_phases
-        ):
-            self.end_phase()
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
