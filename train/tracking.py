@@ -21,6 +21,19 @@ def print0(*args: Any, rank: int | None = None) -> None:
         print(*args, flush=True)
 
 
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop rows with ``step > max_step``: a resumed run re-runs those steps and logs them
+    again. Written to a temporary file and renamed, so a crash never loses the log."""
+    if not path.is_file():
+        return
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= max_step]
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class NullTracker:
     """Accepts everything, writes nothing (ranks other than 0)."""
 
