@@ -15,4 +15,8 @@ def build_backend(cfg: Config) -> Backend:
         from migu_dist.deepspeed_backend import DeepSpeedBackend
 
         return DeepSpeedBackend(cfg)
+    if cfg.engine.backend == "fsdp2":
+        from migu_dist.fsdp2_backend import FSDP2Backend
+
+        return FSDP2Backend(cfg)
     raise ValueError(f"engine.backend={cfg.engine.backend!r} is not available")

@@ -5,11 +5,20 @@ The backend registers, per optimizer tensor, which elements are frozen for the n
 AdamW step, and writes them back, so frozen elements are bit-identical before and after
 (including decoupled weight decay). The transient copy is (1 - keep_ratio) of the frozen
 tensors' weights and moments.
+
+Tensors may be DTensors (FSDP2 parameters and their moments): offsets and masks then refer to
+this rank's local shard, ``to_local()``, and the copies never leave the rank.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a DTensor, else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class FreezableAdamW(torch.optim.AdamW):
@@ -20,10 +29,12 @@ class FreezableAdamW(torch.optim.AdamW):
         self.frozen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, mask)
 
     def freeze(self, tensor: torch.Tensor, offset: int, frozen: torch.Tensor) -> None:
-        """Freeze ``frozen`` (bool (n,)) elements ``[offset, offset+n)`` of flat ``tensor``."""
+        """Freeze ``frozen`` (bool (n,)) elements ``[offset, offset+n)`` of flat ``tensor``
+        (of its local shard, for a DTensor)."""
         entry = self.frozen.get(id(tensor))
         if entry is None:
-            mask = torch.zeros(tensor.numel(), dtype=torch.bool, device=tensor.device)
+            t = local(tensor)
+            mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
             self.frozen[id(tensor)] = (tensor, mask)
         else:
             mask = entry[1]
@@ -36,19 +47,19 @@ class FreezableAdamW(torch.optim.AdamW):
         entries = [(k, v) for k, v in self.frozen.items() if k in current]
         saved = []
         for _, (tensor, mask) in entries:
-            flat = tensor.data.view(-1)
+            flat = local(tensor.data).view(-1)
             st = self.state.get(tensor, {})
             moments = {
-                k: st[k].view(-1)[mask].clone() for k in ("exp_avg", "exp_avg_sq") if k in st
+                k: local(st[k]).view(-1)[mask].clone() for k in ("exp_avg", "exp_avg_sq") if k in st
             }
             saved.append((tensor, mask, flat[mask].clone(), moments))
         loss = super().step(closure)
         for tensor, mask, weight, moments in saved:
-            tensor.data.view(-1)[mask] = weight
+            local(tensor.data).view(-1)[mask] = weight
             st = self.state[tensor]
             for k in ("exp_avg", "exp_avg_sq"):
                 # A fresh state (first step) starts at zero for frozen elements too.
-                st[k].view(-1)[mask] = moments.get(k, 0.0)
+                local(st[k]).view(-1)[mask] = moments.get(k, 0.0)
         for k, _ in entries:
             del self.frozen[k]
         return loss

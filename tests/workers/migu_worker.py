@@ -1,4 +1,5 @@
-"""Runs MIGU on the real DeepSpeed backend for a few steps and saves what it did.
+"""Runs MIGU on a real backend (``engine.backend``: DeepSpeed or FSDP2) for a few steps and
+saves what it did.
 
     torchrun --standalone --nproc_per_node 2 tests/workers/migu_worker.py OUT.pt key=value ...
 
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from migu_dist.deepspeed_backend import DeepSpeedBackend  # noqa: E402
+from migu_dist import build_backend  # noqa: E402
 from migu_dist.migu import Migu  # noqa: E402
 from tests.migu_common import global_batch, tiny_config  # noqa: E402
 from train.model import build_model  # noqa: E402
@@ -22,7 +23,7 @@ from train.model import build_model  # noqa: E402
 def main() -> None:
     out = sys.argv[1]
     cfg = tiny_config(sys.argv[2:])
-    backend = DeepSpeedBackend(cfg)
+    backend = build_backend(cfg)
     model = build_model(cfg.model, seed=cfg.train.seed, init_context=backend.init_context())
     migu = Migu(cfg.migu, model, seed=cfg.train.seed)
     backend.setup(model, lambda step: 1.0)

@@ -1,0 +1,326 @@
+"""FSDP2 backend: per-block ``fully_shard`` (each decoder layer, then the root), DCP checkpoints.
+
+Sharding. FSDP2 shards every parameter on dim 0 like ``torch.chunk``: with R rows and W ranks,
+rank r holds rows ``[r * ceil(R / W), min(R, (r + 1) * ceil(R / W)))`` (the last ranks may hold
+fewer rows, or none; FSDP2 pads its communication buffers, never the local tensor we see). A
+weight (R, C) is row-major, so rank r's local gradient ``param.grad.to_local()`` is the
+contiguous flat range ``[first_row * C, (first_row + local_rows) * C)``: exactly one
+:class:`GradFragment`, whose rows never straddle ranks. MIGU masks it in place; the
+optimizer's tensor for that fragment is the (DTensor) parameter itself, offset 0 locally.
+
+Precision. ``use_bf16`` (GPU by default): the sharded fp32 parameters are the master weights;
+forwards and backwards run in bf16 and gradients are reduced in fp32
+(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``). On CPU everything is fp32.
+
+Accumulation. Micro-batches before the last of a step run with gradient sync off (unsharded
+gradients accumulate locally); the last one reduce-scatters the sum. The loss is scaled by
+1 / grad_accum and FSDP2 averages over ranks, so the gradient is the mean over the global batch.
+
+Checkpoints (``<root>/<tag>/``, torch.distributed.checkpoint): every rank writes its own
+``__<rank>_0.distcp`` with its shards of the model and AdamW state, rank 0 writes ``.metadata``.
+Keys: ``model.<fqn>``, ``optim.state.<fqn>.{step,exp_avg,exp_avg_sq}``,
+``optim.param_groups...``, ``scheduler...``, ``client`` (pickled ``client_state``).
+:func:`consolidate` reads the model back whole in one process (no process group), for the
+Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import weakref
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from migu_dist.backend import Backend, GradFragment
+from migu_dist.optim import FreezableAdamW, local
+from train.config import Config
+
+# Norms, biases and embeddings: no weight decay (as in the DeepSpeed backend).
+_NO_DECAY = ("norm", "bias", "embed_tokens")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.engine.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.engine.precision == "bf16"
+
+
+def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """(first_row, local_rows) of a dim-0 FSDP2 shard: ``torch.chunk`` semantics."""
+    per = -(-rows // world)  # ceil(rows / world)
+    first = min(rows, rank * per)
+    return first, min(rows, first + per) - first
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks to shard one by one (``model.model.layers`` for HF Llama)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers to shard per block")
+    return list(layers)
+
+
+class FSDP2Backend(Backend):
+    """Per-block ``fully_shard`` + FreezableAdamW + LambdaLR; checkpoints through DCP."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if "WORLD_SIZE" not in os.environ:
+            # Plain `python launch/cpt.py`: a world of one, no launcher needed.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        cuda = torch.cuda.is_available()
+        if cuda:
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if cuda else "gloo",
+                timeout=timedelta(minutes=cfg.engine.dist_timeout_minutes),
+            )
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.model: nn.Module | None = None
+        self.optimizer: FreezableAdamW | None = None
+        self.scheduler: LambdaLR | None = None
+        self._micro = 0
+        # id(pre-shard parameter) -> (weakref to it, fqn); see _current().
+        self._replaced: dict[int, tuple[weakref.ref, str]] = {}
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        # Build in fp32: the sharded parameters are the optimizer's master weights; bf16
+        # compute comes from the mixed-precision policy.
+        return torch.float32
+
+    def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
+        if use_bf16(self.cfg):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        # fully_shard replaces every nn.Parameter with a new DTensor one. Remember the old
+        # objects (weakly: holding them would keep the unsharded model alive) so that a
+        # reference taken before setup (e.g. MIGU's per-layer weight) still finds its shard.
+        self._replaced = {id(p): (weakref.ref(p), n) for n, p in model.named_parameters()}
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=self.mesh, mp_policy=mp)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)  # embeddings, final norm, lm_head
+        # fully_shard moves parameters to the mesh's device; buffers (rotary inv_freq) too.
+        model.to(self.device)
+        o = self.cfg.optim
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = FreezableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.scheduler = LambdaLR(self.optimizer, lr_lambda)
+        self.model = model
+        self._micro = 0
+
+    @property
+    def module(self) -> nn.Module:
+        assert self.model is not None, "call setup() first"
+        return self.model
+
+    def _fsdp(self) -> FSDPModule:
+        assert isinstance(self.model, FSDPModule)
+        return self.model
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+        accum = self.cfg.train.grad_accum
+        # Reduce-scatter only on the step's last micro-batch; the others accumulate locally.
+        self._fsdp().set_requires_gradient_sync(self._micro == accum - 1)
+        out = self.module(**batch)
+        (out.loss / accum).backward()
+        self._micro += 1
+        return out.loss.detach()
+
+    # ---------------------------------------------------------------- MIGU access
+
+    def _current(self, param: nn.Parameter) -> nn.Parameter:
+        """The live (sharded) parameter for ``param``, which may predate ``setup()``."""
+        if not isinstance(param, DTensor):
+            entry = self._replaced.get(id(param))
+            if entry is not None and entry[0]() is param:
+                return self.module.get_parameter(entry[1])
+        return param
+
+    def local_params(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                shard = local(p.data)  # (local_rows, ...) fp32, contiguous: a dim-0 chunk
+                if shard.numel():
+                    yield name, p, shard.view(-1)
+
+    def grad_fragments(self, param: nn.Parameter) -> Iterator[GradFragment]:
+        param = self._current(param)
+        grad = param.grad
+        if grad is None:
+            return
+        g = grad.to_local() if isinstance(grad, DTensor) else grad
+        if g.numel() == 0:  # more ranks than rows: this rank holds none
+            return
+        cols = param.numel() // param.shape[0] if param.dim() > 1 else 1
+        first = 0
+        if isinstance(param, DTensor):
+            first, rows = row_range(param.shape[0], self.mesh.get_local_rank(), self.world_size)
+            assert rows == g.shape[0], (param.shape, rows, g.shape)
+        flat = g.view(-1) if g.is_contiguous() else None
+
+        def get() -> torch.Tensor:
+            return flat if flat is not None else g.reshape(-1)
+
+        def set_(t: torch.Tensor) -> None:
+            if flat is None or t.data_ptr() != flat.data_ptr():
+                g.copy_(t[: g.numel()].view_as(g))
+
+        yield GradFragment(
+            param_start=first * cols, numel=g.numel(), get=get, set=set_, hp=(param, 0)
+        )
+
+    def freeze_elements(self, frag: GradFragment, frozen: torch.Tensor) -> None:
+        assert frag.hp is not None and self.optimizer is not None
+        tensor, offset = frag.hp
+        self.optimizer.freeze(tensor, offset, frozen)
+
+    # ---------------------------------------------------------------- step
+
+    def step(self) -> dict[str, float]:
+        assert self.optimizer is not None and self.scheduler is not None
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        # Same rule as DeepSpeed: the norm is always reported; clip only when > 0.
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+        return {"grad_norm": float(norm), "lr": lr}
+
+    def skip_step(self) -> None:
+        # As DeepSpeed does: an optimizer step with every element frozen and no gradient, so
+        # weights and moments stay bit-identical while the step counters and the LR schedule
+        # advance the same way on both backends.
+        assert self.optimizer is not None and self.scheduler is not None
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+            t = local(p)
+            self.optimizer.freeze(p, 0, torch.ones(t.numel(), dtype=torch.bool, device=t.device))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _state(self, client_state: dict[str, Any]) -> dict[str, Any]:
+        assert self.optimizer is not None and self.scheduler is not None
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "scheduler": self.scheduler.state_dict(),
+            # One opaque blob: its keys need not be known in advance to load it.
+            "client": pickle.dumps(client_state),
+        }
+
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        path = Path(directory, tag)
+        try:
+            # DCP gathers every rank's write result before returning, so a rank whose write
+            # failed (full disk) does not leave the others waiting; all ranks then raise.
+            dcp.save(self._state(client_state), checkpoint_id=str(path))
+        except CheckpointException as e:  # a BaseException: make it the Checkpointer's kind
+            raise RuntimeError(f"FSDP2 checkpoint {path} failed: {e}") from e
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        assert self.optimizer is not None and self.scheduler is not None
+        path = Path(directory, tag)
+        if not (path / ".metadata").is_file():
+            raise FileNotFoundError(f"no FSDP2 (DCP) checkpoint at {path}")
+        state = self._state({})
+        dcp.load(state, checkpoint_id=str(path))  # fills ``state`` in place
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        return pickle.loads(state["client"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(self.module, options=opts)  # rank 0 only with cpu_offload
+        if self.rank != 0:
+            return {}
+        return {k: v.detach().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def is_fsdp2_checkpoint(ckpt_dir: str | Path) -> bool:
+    """Whether ``ckpt_dir`` (a ``step_*`` directory) was written by this backend (DCP)."""
+    return Path(ckpt_dir, ".metadata").is_file()
+
+
+def consolidate(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model state dict of an FSDP2 checkpoint directory, in one process.
+
+    Needs no process group and neither the original number of ranks nor a GPU: DCP stores
+    each tensor's shards with their global offsets, and a load without a target state dict
+    reassembles them. Reads only the ``model.*`` entries (optimizer state is left on disk).
+    """
+    # What format_utils.dcp_to_torch_save does, minus the torch.save, for the model keys only
+    # (the public dcp.load would copy the empty target dict and fill the copy).
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = FileSystemReader(str(ckpt_dir))
+    keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
+    sd: dict[str, Any] = {}
+    planner = _EmptyStateDictLoadPlanner(keys=keys)
+    _load_state_dict(sd, storage_reader=reader, planner=planner, no_dist=True)
+    return {k: v for k, v in sd["model"].items() if isinstance(v, torch.Tensor)}
