@@ -112,8 +112,13 @@ class DeepSpeedBackend(Backend):
 
     def init_context(self) -> ContextManager:
         if self.cfg.engine.zero_stage == 3:
-            # Partition each parameter as it is created: a 7B model never exists whole.
-            return deepspeed.zero.Init(config_dict_or_path=self.ds_config, dtype=self.param_dtype)
+            # transformers partitions a model as it creates or loads it (its own zero.Init,
+            # with the weight init and from_pretrained's loading done on the partitions) while
+            # an HfDeepSpeedConfig for a stage-3 config is alive: it holds only a weak
+            # reference, so the backend keeps it. A 7B model never exists whole on one rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         return super().init_context()
 
     def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
@@ -233,13 +238,21 @@ class DeepSpeedBackend(Backend):
     # ---------------------------------------------------------------- step
 
     def step(self) -> dict[str, float]:
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (step() advances it)
+        # ZeRO-0 keeps whole gradients and DeepSpeed reports no norm there: compute it.
+        norm0 = self._grad_norm_stage0() if self.cfg.engine.zero_stage == 0 else None
         self.engine.step()
         self._micro = 0
-        norm = self.engine.get_global_grad_norm()
-        return {
-            "grad_norm": float(norm) if norm is not None else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+        norm = self.engine.get_global_grad_norm() if norm0 is None else norm0
+        return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
+
+    def _grad_norm_stage0(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return (
+            float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            if grads
+            else 0.0
+        )
 
     def skip_step(self) -> None:
         # Zero every gradient we own and freeze every optimizer element, then let DeepSpeed

@@ -54,3 +54,12 @@ def test_flops_per_token_hand_computed():
     # norm 8 + lm_head 100*8.
     n = 4 * 64 + 3 * 128 + 16 + 8 + 800
     assert flops_per_token(model, seq_len=32) == 6 * n + 12 * 1 * 8 * 32
+
+
+def test_model_from_directory_is_in_training_mode(tmp_path):
+    """from_pretrained returns eval mode; MIGU collects only in training mode."""
+    src = build_model(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                  num_layers=1, num_heads=2), seed=1)  # fmt: skip
+    src.save_pretrained(tmp_path)
+    loaded = build_model(ModelConfig(init_from=str(tmp_path)), seed=0)
+    assert all(m.training for m in loaded.modules())

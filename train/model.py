@@ -60,14 +60,21 @@ def build_model(
     attn = resolve_attn_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)
     with init_context or contextlib.nullcontext():
+        # Both constructors below honour a sharded-construction context that transformers
+        # recognises (DeepSpeed ZeRO-3's, see DeepSpeedBackend.init_context): they partition
+        # parameters as they are created AND still run the weight init / weight loading on
+        # them, which a bare ``deepspeed.zero.Init`` around ``LlamaForCausalLM(cfg)`` does not.
         if cfg.init_from:
             model = LlamaForCausalLM.from_pretrained(
                 cfg.init_from, dtype=dtype, attn_implementation=attn
             )
         else:
-            hf_cfg = llama_config(cfg)
-            hf_cfg._attn_implementation = attn
-            model = LlamaForCausalLM(hf_cfg).to(dtype)
+            model = LlamaForCausalLM._from_config(
+                llama_config(cfg), dtype=dtype, attn_implementation=attn
+            )
+    # from_pretrained returns a model in eval mode; training (and MIGU's statistics, which
+    # are only collected in training mode) needs train mode.
+    model.train()
     model.config.use_cache = False
     if lora is not None and lora.enabled:
         add_lora(model, lora, seed=seed)
