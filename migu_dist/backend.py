@@ -68,6 +68,23 @@ class Backend(abc.ABC):
         """This rank's fragments of ``param``'s reduced gradient; valid between the last
         backward of a step and ``step()``."""
 
+    def local_params(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+        """``(name, param, master)`` for every trainable parameter with elements on this rank.
+
+        ``master`` is the flat fp32 tensor the optimizer steps for exactly the elements of
+        ``param`` this rank owns, the same flat range as its single :meth:`grad_fragments`
+        fragment (so ``master[i]`` and ``frag.get()[i]`` are the same element). A view:
+        reading it needs no gather, and it is valid from ``setup()`` on (re-fetch it after
+        ``load()``). Used by the sharded regulariser (``migu_dist/regularize.py``).
+
+        DeepSpeed: ZeRO-3 the parameter's slice of the fp32 partition
+        (``safe_get_local_fp32_param``), ZeRO-1/2 the ``_hp_mapping`` fp32 fragment, ZeRO-0 the
+        parameter itself. FSDP2: the local shard of each DTensor parameter,
+        ``param.to_local().view(-1)`` (with mixed precision this is still the fp32 sharded
+        parameter the optimizer steps), covering the flat range of its dim-0 shard.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose local parameters")
+
     @abc.abstractmethod
     def freeze_elements(self, frag: GradFragment, frozen: torch.Tensor) -> None:
         """Leave ``frozen`` (bool, (numel,)) elements of this fragment untouched by the next

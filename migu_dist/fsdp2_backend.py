@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-import weakref
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -116,8 +115,6 @@ class FSDP2Backend(Backend):
         self.optimizer: FreezableAdamW | None = None
         self.scheduler: LambdaLR | None = None
         self._micro = 0
-        # id(pre-shard parameter) -> (weakref to it, fqn); see _current().
-        self._replaced: dict[int, tuple[weakref.ref, str]] = {}
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -130,10 +127,6 @@ class FSDP2Backend(Backend):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
-        # fully_shard replaces every nn.Parameter with a new DTensor one. Remember the old
-        # objects (weakly: holding them would keep the unsharded model alive) so that a
-        # reference taken before setup (e.g. MIGU's per-layer weight) still finds its shard.
-        self._replaced = {id(p): (weakref.ref(p), n) for n, p in model.named_parameters()}
         for block in decoder_blocks(model):
             fully_shard(block, mesh=self.mesh, mp_policy=mp)
         fully_shard(model, mesh=self.mesh, mp_policy=mp)  # embeddings, final norm, lm_head
@@ -176,14 +169,6 @@ class FSDP2Backend(Backend):
 
     # ---------------------------------------------------------------- MIGU access
 
-    def _current(self, param: nn.Parameter) -> nn.Parameter:
-        """The live (sharded) parameter for ``param``, which may predate ``setup()``."""
-        if not isinstance(param, DTensor):
-            entry = self._replaced.get(id(param))
-            if entry is not None and entry[0]() is param:
-                return self.module.get_parameter(entry[1])
-        return param
-
     def local_params(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
         for name, p in self.module.named_parameters():
             if p.requires_grad:
@@ -192,7 +177,6 @@ class FSDP2Backend(Backend):
                     yield name, p, shard.view(-1)
 
     def grad_fragments(self, param: nn.Parameter) -> Iterator[GradFragment]:
-        param = self._current(param)
         grad = param.grad
         if grad is None:
             return

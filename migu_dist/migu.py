@@ -17,6 +17,13 @@ Per step:
    (``row = flat // in_features``); a row that straddles two ranks' partitions is masked by
    both, each on its own part. No full gradient is ever gathered.
 
+With LoRA adapters (peft ``lora.Linear`` modules, selected by the same include regexes as the
+linear they wrap) only the adapters train, and their rows are masked instead: B
+(out_features, r) by the magnitude of the wrapped layer's combined output (base + adapter:
+B's rows are the layer's output units), A (r, in_features) by the magnitude of A's own
+(r,)-dim output. The frozen base weight and a linear nested in an adapter are never
+selected on their own.
+
 ``normalize: l1_token`` divides each token's |y| by its L1 norm over the layer's units before
 summing, so that every token weighs the same; with ``none`` (the reference code), tokens with
 large activations dominate. A per-layer rescaling (the paper's L1 normalisation of the summed
@@ -79,9 +86,12 @@ def row_mask_for_range(keep: torch.Tensor, start: int, numel: int, cols: int) ->
 @dataclass
 class _Layer:
     name: str
-    module: nn.Linear
-    stat: torch.Tensor  # (out_features,) fp32 sum of |y| over this step's tokens
-    kind: str  # e.g. "q_proj", for per-type telemetry
+    module: nn.Module  # whose output is measured
+    owner: nn.Linear  # its .weight (rows, cols) is masked by rows; rows = the module's outputs.
+    # The parameter is looked up at every step: a backend may replace it (FSDP2 does).
+    cols: int
+    stat: torch.Tensor  # (rows,) fp32 sum of |y| over this step's tokens
+    kind: str  # e.g. "q_proj" or "q_proj.lora_B", for per-type telemetry
     keep: torch.Tensor | None = None  # (out_features,) bool, the last step's mask
     domain_sum: torch.Tensor | None = None  # running sum of keep over the current domain
     handle: object = field(default=None, repr=False)
@@ -106,22 +116,15 @@ class Migu:
         inc = [re.compile(r) for r in cfg.include]
         exc = [re.compile(r) for r in cfg.exclude]
         for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Linear):
-                continue
             if not any(r.search(name) for r in inc) or any(r.search(name) for r in exc):
                 continue
-            layer = _Layer(
-                name=name,
-                module=mod,
-                stat=torch.zeros(mod.out_features, dtype=torch.float32),
-                kind=name.rsplit(".", 1)[-1],
-            )
-            layer.handle = mod.register_forward_hook(self._make_hook(layer))
-            self.layers.append(layer)
+            for layer in _targets(name, mod):
+                layer.handle = layer.module.register_forward_hook(self._make_hook(layer))
+                self.layers.append(layer)
         if not self.layers:
             raise ValueError(
-                f"migu.include {cfg.include} matched no nn.Linear module; check the regexes "
-                "against model.named_modules()."
+                f"migu.include {cfg.include} matched no trainable nn.Linear or LoRA module; "
+                "check the regexes against model.named_modules()."
             )
 
     # ---------------------------------------------------------------- statistics
@@ -200,11 +203,9 @@ class Migu:
         masks = self.compute_masks(step)
         freeze = self.cfg.mode == "update"
         for layer, keep in zip(self.layers, masks):
-            weight = layer.module.weight
-            cols = layer.module.in_features
-            for frag in backend.grad_fragments(weight):
+            for frag in backend.grad_fragments(layer.owner.weight):
                 grad = frag.get()  # (>= numel,) flat, this rank's part
-                elem = row_mask_for_range(keep, frag.param_start, frag.numel, cols)
+                elem = row_mask_for_range(keep, frag.param_start, frag.numel, layer.cols)
                 grad[: frag.numel].mul_(elem.to(grad.dtype))
                 frag.set(grad)
                 if freeze:
@@ -270,6 +271,28 @@ class Migu:
         for layer in self.layers:
             layer.keep = state.get("last_keep", {}).get(layer.name)
             layer.domain_sum = state.get("domain_sum", {}).get(layer.name)
+
+
+def _targets(name: str, mod: nn.Module) -> list[_Layer]:
+    """The masked weights a selected module stands for: a trainable ``nn.Linear`` itself, or
+    a peft LoRA layer's B (rows = the layer's outputs) and A (rows = its r outputs)."""
+
+    def layer(lname: str, hooked: nn.Module, lin: nn.Linear, kind: str) -> _Layer:
+        stat = torch.zeros(lin.out_features, dtype=torch.float32)
+        return _Layer(lname, hooked, lin, lin.in_features, stat, kind)
+
+    kind = name.rsplit(".", 1)[-1]
+    lora_a = getattr(mod, "lora_A", None)
+    if isinstance(lora_a, nn.ModuleDict):  # peft lora.Linear: adapters train, base is frozen
+        out = []
+        for adapter, a in lora_a.items():
+            b = mod.lora_B[adapter]
+            out.append(layer(f"{name}.lora_B.{adapter}", mod, b, f"{kind}.lora_B"))
+            out.append(layer(f"{name}.lora_A.{adapter}", a, a, f"{kind}.lora_A"))
+        return out
+    if isinstance(mod, nn.Linear) and mod.weight.requires_grad and ".lora_" not in name:
+        return [layer(name, mod, mod, kind)]
+    return []
 
 
 def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

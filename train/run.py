@@ -8,13 +8,14 @@ import torch
 
 from migu_dist import build_backend
 from migu_dist.migu import Migu
+from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
 from train.model import build_model, flops_per_token
 from train.schedule import lr_lambda
 from train.tokenizer import load_tokenizer
-from train.tracking import NullTracker, Tracker, print0
+from train.tracking import NullTracker, Tracker, print0, truncate_jsonl
 from train.trainer import Trainer
 
 
@@ -47,8 +48,12 @@ def build_trainer(cfg: Config) -> Trainer:
         seed=cfg.train.seed,
         dtype=backend.param_dtype,
         init_context=backend.init_context(),
+        lora=cfg.lora,
     )
     migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
+    reg = None
+    if cfg.regularization.kind != "none":
+        reg = L2Anchor(cfg.regularization, [p.name for p in phases])
     backend.setup(model, lr_lambda(cfg.optim, cfg.train.max_steps, rewarm))
 
     evaluator = None
@@ -70,12 +75,17 @@ def build_trainer(cfg: Config) -> Trainer:
             max_len=cfg.train.seq_len,
         )
     ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
-    trainer = Trainer(cfg, backend, data, migu=migu, evaluator=evaluator, checkpointer=ckpt)
+    trainer = Trainer(
+        cfg, backend, data, migu=migu, regularizer=reg, evaluator=evaluator, checkpointer=ckpt
+    )
     if cfg.logging.peak_tflops:
         trainer.flops_per_token = flops_per_token(model, cfg.train.seq_len)
     source = resume_source(cfg, ckpt)
     if source is not None:
         trainer.restore(*source)
+        if backend.rank == 0:
+            for log in ("metrics.jsonl", "evals.jsonl"):
+                truncate_jsonl(out / log, trainer.state.step)
         print0(f"Resumed from {source[0].root / source[1]} at step {trainer.state.step}")
     trainer.tracker = Tracker(cfg, trainer.state.wandb_id) if backend.rank == 0 else NullTracker()
     return trainer
