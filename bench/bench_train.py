@@ -117,7 +117,9 @@ def main() -> None:
     # Every rank's view: take the slowest rank per step (that is the step time).
     per_rank = [None] * world
     torch.distributed.all_gather_object(per_rank, times)
-    step_times = {k: [max(rt[k][i] for rt in per_rank) for i in range(len(times[k]))] for k in times}
+    step_times = {
+        k: [max(rt[k][i] for rt in per_rank) for i in range(len(times[k]))] for k in times
+    }
     med = {k: statistics.median(v) for k, v in step_times.items()}
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * world
     n_params = sum(v.numel() for v in init_state.values()) if init_state else 0
@@ -139,8 +141,11 @@ def main() -> None:
             "hardware": hardware,
             "world_size": world,
             "params": n_params,
-            "model": {"hidden": cfg.model.hidden_size, "layers": cfg.model.num_layers,
-                      "vocab": cfg.model.vocab_size},  # fmt: skip
+            "model": {
+                "hidden": cfg.model.hidden_size,
+                "layers": cfg.model.num_layers,
+                "vocab": cfg.model.vocab_size,
+            },  # fmt: skip
             "zero_stage": cfg.engine.zero_stage,
             "dtype": str(backend.param_dtype),
             "tokens_per_step": tokens_per_step,

@@ -103,8 +103,8 @@ class DeepSpeedBackend(Backend):
         else:
             self.device = torch.device("cpu")
         self.ds_config = deepspeed_config(cfg, self.world_size)
-        self.engine = None
-        self.optimizer: FreezableAdamW | None = None
+        self.engine: Any = None  # the DeepSpeedEngine, after setup()
+        self.optimizer: Any = None  # the FreezableAdamW inside it, after setup()
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -123,7 +123,8 @@ class DeepSpeedBackend(Backend):
 
     def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
         o = self.cfg.optim
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
@@ -162,7 +163,8 @@ class DeepSpeedBackend(Backend):
 
     # ---------------------------------------------------------------- MIGU access
 
-    def grad_fragments(self, param: nn.Parameter) -> Iterator[GradFragment]:
+    def grad_fragments(self, param: Any) -> Iterator[GradFragment]:
+        # ``param``: an nn.Parameter carrying DeepSpeed's attributes (ds_id, _hp_mapping, ...)
         if hasattr(param, "ds_id"):  # ZeRO-3
             opt = param._z3_optimizer
             part = param.partition_numel()

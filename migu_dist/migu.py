@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -94,7 +94,7 @@ class _Layer:
     kind: str  # e.g. "q_proj" or "q_proj.lora_B", for per-type telemetry
     keep: torch.Tensor | None = None  # (out_features,) bool, the last step's mask
     domain_sum: torch.Tensor | None = None  # running sum of keep over the current domain
-    handle: object = field(default=None, repr=False)
+    handle: Any = field(default=None, repr=False)
 
 
 class Migu:
@@ -203,7 +203,8 @@ class Migu:
         masks = self.compute_masks(step)
         freeze = self.cfg.mode == "update"
         for layer, keep in zip(self.layers, masks):
-            for frag in backend.grad_fragments(layer.owner.weight):
+            weight = cast(nn.Parameter, layer.owner.weight)
+            for frag in backend.grad_fragments(weight):
                 grad = frag.get()  # (>= numel,) flat, this rank's part
                 elem = row_mask_for_range(keep, frag.param_start, frag.numel, layer.cols)
                 grad[: frag.numel].mul_(elem.to(grad.dtype))
@@ -286,8 +287,9 @@ def _targets(name: str, mod: nn.Module) -> list[_Layer]:
     if isinstance(lora_a, nn.ModuleDict):  # peft lora.Linear: adapters train, base is frozen
         out = []
         for adapter, a in lora_a.items():
-            b = mod.lora_B[adapter]
+            b = cast(nn.Linear, cast(nn.ModuleDict, mod.lora_B)[adapter])
             out.append(layer(f"{name}.lora_B.{adapter}", mod, b, f"{kind}.lora_B"))
+            a = cast(nn.Linear, a)
             out.append(layer(f"{name}.lora_A.{adapter}", a, a, f"{kind}.lora_A"))
         return out
     if isinstance(mod, nn.Linear) and mod.weight.requires_grad and ".lora_" not in name:

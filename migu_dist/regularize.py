@@ -56,7 +56,7 @@ class L2Anchor:
         if not self.active(phase):
             return {}
         if self.anchor_phase != phase:
-            self.snapshot(backend, phase)
+            self.snapshot(backend, phase or "")
         sq = torch.zeros((), dtype=torch.float64)
         for name, param, master in backend.local_params():
             diff = master.float() - self.anchor[name]  # (local numel,)

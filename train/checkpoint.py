@@ -128,6 +128,7 @@ class Checkpointer:
         ok = all(_all_gather_objects(ok))
         if ok:
             try:
+                assert self.backend is not None, "a Checkpointer without a backend only reads"
                 self.backend.save(str(self.root), tag, client_state={})
                 torch.save(rank_state, d / f"rank_{self.rank:05d}.pt")
                 if self.rank == 0:
@@ -179,7 +180,7 @@ class Checkpointer:
                 if i % self.world == self.rank:
                     mine[str(p.relative_to(d))] = {"size": p.stat().st_size, "crc32": _crc32(p)}
         except OSError:
-            mine = None
+            mine = None  # type: ignore[assignment]  # "this rank failed", gathered below
         parts = _all_gather_objects(mine)
         if any(p is None for p in parts):
             return False
@@ -290,6 +291,7 @@ class Checkpointer:
                 f"(python launch/export_hf.py --checkpoint {d} --out DIR) and start a new run "
                 "with model.init_from=DIR (optimizer state and data position start fresh)."
             )
+        assert self.backend is not None, "a Checkpointer without a backend only reads"
         self.backend.load(str(self.root), tag)
         rank_state = torch.load(d / f"rank_{self.rank:05d}.pt", weights_only=False)
         return state, rank_state

@@ -374,7 +374,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value not in args:
             problems.append(f"{key}: {value!r} is not one of {list(args)}; pick one of those.")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}.")
             return tp()

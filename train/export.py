@@ -127,7 +127,7 @@ def export_hf(
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    model.to(torch_dtype)
+    model = model.to(torch_dtype)  # type: ignore[arg-type]  # transformers' wrapped .to
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -29,7 +30,7 @@ def resolve_attn_implementation(requested: str) -> str:
 
 def llama_config(cfg: ModelConfig) -> LlamaConfig:
     """The transformers config for a model built from shape (init_from unset)."""
-    return LlamaConfig(
+    return LlamaConfig(  # type: ignore[call-arg]  # rope_theta is a kwarg in transformers 5
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -102,7 +103,7 @@ def add_lora(model: LlamaForCausalLM, cfg: LoraConfig, *, seed: int) -> None:
     torch.manual_seed(seed + 1)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft accepts float scales
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
         bias="none",
@@ -120,5 +121,5 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
         for name, p in model.named_parameters()
         if "embed_tokens" not in name
     )
-    c = model.config
+    c: Any = model.config
     return 6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len

@@ -60,7 +60,7 @@ class Tracker(NullTracker):
         self.file = self.path.open("a")
         self.cfg = cfg
         self.bar = None
-        self.run = None
+        self.run: Any = None
         self.wandb_id = wandb_id
         if cfg.logging.wandb:
             self._init_wandb(cfg, wandb_id)

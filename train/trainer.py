@@ -287,6 +287,7 @@ class Trainer:
             "migu": self.migu.state_dict() if self.migu is not None else None,
             "regularizer": self.regularizer.state_dict() if self.regularizer else None,
         }
+        assert self.ckpt is not None
         ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
         if not ok and self.state.step == self.max_steps:
             self.exit_reason = "checkpoint_failed"
@@ -302,6 +303,7 @@ class Trainer:
 
         if self.backend.rank == 0:
             phase = self.state.finished_phases[-1]  # fit() ends the phase before saving
+            assert self.ckpt is not None
             out = Path(self.cfg.output_dir, "hf", phase)
             try:
                 export_hf(self.ckpt.root / tag_for(self.state.step), out, cfg=self.cfg)
