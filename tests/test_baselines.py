@@ -202,7 +202,7 @@ def test_lora_migu_selects_adapter_rows_with_default_include():
     assert len(migu.layers) == 2 * 7 * 2
     assert all(re.search(r"\.lora_[AB]\.default$", x.name) for x in migu.layers)
     for x in migu.layers:
-        r_out, cols = x.weight.shape
+        r_out, cols = x.owner.weight.shape
         assert (x.stat.numel(), x.cols) == (r_out, cols)
         assert (r_out == 4) == x.name.endswith("lora_A.default")
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
