@@ -63,7 +63,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             self[engine] = out
             return out
 
-    return Runs()
+    runs = Runs()
+    runs.init = init  # type: ignore[attr-defined]
+    return runs
 
 
 def by_step(out: Path) -> dict[int, dict]:
@@ -131,7 +133,15 @@ def test_fsdp2_plain_python_world_of_one_equals_two_ranks(runs, tmp_path):
     """`python launch/cpt.py` (no launcher) with grad_accum 2 == 2 ranks x accum 1: the same
     global batches, so the same losses (accumulation without reduce, loss scaled by 1/2)."""
     out = tmp_path / "one"
-    run_cpt(out, *SHORT, *ENGINES["fsdp2"], "train.grad_accum=2", nproc=1, launcher="python")
+    run_cpt(
+        out,
+        *SHORT,
+        f"model.init_from={runs.init}",
+        *ENGINES["fsdp2"],
+        "train.grad_accum=2",
+        nproc=1,
+        launcher="python",
+    )
     assert_same_rows(by_step(out), by_step(runs["fsdp2"]))
 
 
@@ -187,9 +197,9 @@ def _wait_for_first_step(proc: subprocess.Popen, out: Path, log: Path) -> None:
         time.sleep(0.05)
 
 
-def _cpt(out: Path, extra: list[str]) -> list[str]:
+def _cpt(out: Path, extra: list[str], init: Path) -> list[str]:
     script = [str(ROOT / "launch" / "cpt.py"), "--config", CONFIG, f"output_dir={out}"]
-    return script + [*QUIET, *SHORT, *ENGINES["fsdp2"], *extra]
+    return script + [*QUIET, *SHORT, f"model.init_from={init}", *ENGINES["fsdp2"], *extra]
 
 
 @pytest.mark.slow
@@ -200,7 +210,7 @@ def test_fsdp2_sigterm_checkpoints_and_resume_is_identical(runs, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # The workers act on the signal at the next step boundary wherever it arrives; the test
     # only needs it to arrive before the last step.
-    proc = _start(torchrun + _cpt(out, []), log)
+    proc = _start(torchrun + _cpt(out, [], runs.init), log)
     _wait_for_first_step(proc, out, log)
     for child in psutil.Process(proc.pid).children(recursive=True):
         child.send_signal(signal.SIGTERM)
@@ -209,7 +219,7 @@ def test_fsdp2_sigterm_checkpoints_and_resume_is_identical(runs, tmp_path):
     assert stopped is not None and stopped < tag_for(STEPS), (stopped, log.read_text()[-2000:])
     assert max(by_step(out)) < STEPS
 
-    proc = _start(torchrun + _cpt(out, []), log)
+    proc = _start(torchrun + _cpt(out, [], runs.init), log)
     assert _wait(proc, log) == 0, log.read_text()[-4000:]
     assert f"Resumed from {out / 'checkpoints' / stopped}" in log.read_text()
     assert_same_rows(by_step(out), by_step(runs["fsdp2"]), rel=0)
@@ -232,7 +242,7 @@ def test_two_node_torchrun_equals_single_node(runs, tmp_path, backend):
                f"--rdzv_id=twonode-{port}", "--max_restarts=0"]  # fmt: skip
         extra = ENGINES[backend]
         log = tmp_path / f"node{node}.log"
-        procs.append((_start(cmd + _cpt(out, extra), log), log))
+        procs.append((_start(cmd + _cpt(out, extra, runs.init), log), log))
     for proc, log in procs:
         assert _wait(proc, log) == 0, log.read_text()[-4000:]
 
@@ -305,7 +315,7 @@ def test_slurm_script_two_nodes_sigterm_requeues_and_resumes(runs, tmp_path):
         "SCONTROL_LOG": str(tmp_path / "requeued"),
     }
     script = ["bash", str(ROOT / "launch" / "slurm_cpt.sh"), CONFIG]
-    cmd = script + _cpt(out, [])[3:]  # the overrides only
+    cmd = script + _cpt(out, [], runs.init)[3:]  # the overrides only
     proc = _start(cmd, log, env)
     _wait_for_first_step(proc, out, log)
     proc.send_signal(signal.SIGTERM)  # to the batch shell only, as --signal=B:TERM does
