@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from train.data import CPTDataLoader
     from train.evaluate import Evaluator
     from train.export import consolidated_state_dict, resolve_checkpoint, run_config
     from train.model import build_model
+    from train.run import build_data, heldout_sets
     from train.tokenizer import load_tokenizer
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -52,22 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    data = CPTDataLoader(
-        cfg.data,
-        tokenizer,
-        seq_len=cfg.train.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=cfg.train.grad_accum,
-        dp_rank=rank,
-        dp_world=world,
-        seed=cfg.train.seed,
-        max_steps=cfg.train.max_steps,
-    )
-    heldout = {
-        name: data.heldout_sequences(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
-        for name, dom in cfg.data.domains.items()
-        if dom.heldout
-    }
+    data = build_data(cfg, tokenizer, rank, world)
+    heldout = heldout_sets(cfg, data)
     data.close()
     phases = data.phases()
     # The phase of the last trained step: start < step <= end.

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from migu_dist.optim import FreezableAdamW
+
+if TYPE_CHECKING:
+    from train.config import Config
 
 
 @dataclass
@@ -119,3 +126,46 @@ class Backend(abc.ABC):
         if torch.distributed.is_initialized() and self.world_size > 1:
             torch.distributed.all_reduce(t)
         return t
+
+
+# ---------------------------------------------------------------- shared by the backends
+
+# Norms, biases and embeddings: no weight decay (the usual Llama recipe).
+NO_DECAY = ("norm", "bias", "embed_tokens")
+
+
+def use_bf16(cfg: Config) -> bool:
+    """bf16 training: ``engine.precision``, where auto means bf16 exactly when a GPU is there."""
+    if cfg.engine.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.engine.precision == "bf16"
+
+
+def ensure_world_env() -> None:
+    """Plain ``python launch/cpt.py`` (no launcher): declare a world of one on a free port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
+def adamw(model: nn.Module, cfg: Config, fused: bool = False) -> FreezableAdamW:
+    """FreezableAdamW over the trainable parameters, no decay for norms/biases/embeddings."""
+    o = cfg.optim
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if fused else {}
+    return FreezableAdamW(
+        [g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **extra
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from datetime import timedelta
@@ -27,24 +26,8 @@ from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from migu_dist.backend import Backend, GradFragment
-from migu_dist.optim import FreezableAdamW
+from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
 from train.config import Config
-
-# Norms, biases and embeddings: no weight decay (the usual Llama recipe).
-_NO_DECAY = ("norm", "bias", "embed_tokens")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def use_bf16(cfg: Config) -> bool:
-    if cfg.engine.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.engine.precision == "bf16"
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -85,11 +68,7 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        if "WORLD_SIZE" not in os.environ:
-            # Plain `python launch/cpt.py`: a world of one, no launcher and no MPI needed.
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        ensure_world_env()
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(
                 timeout=timedelta(minutes=cfg.engine.dist_timeout_minutes),
@@ -122,20 +101,8 @@ class DeepSpeedBackend(Backend):
         return super().init_context()
 
     def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
-        o = self.cfg.optim
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
         # The fused (single-kernel) AdamW where torch has it for the device: GPUs.
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        opt = FreezableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **fused)
+        opt = adamw(model, self.cfg, fused=self.device.type == "cuda")
         sched = LambdaLR(opt, lr_lambda)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config

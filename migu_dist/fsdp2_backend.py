@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -50,24 +49,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from migu_dist.backend import Backend, GradFragment
+from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
 from migu_dist.optim import FreezableAdamW, local
 from train.config import Config
-
-# Norms, biases and embeddings: no weight decay (as in the DeepSpeed backend).
-_NO_DECAY = ("norm", "bias", "embed_tokens")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def use_bf16(cfg: Config) -> bool:
-    if cfg.engine.precision == "auto":
-        return torch.cuda.is_available()
-    return cfg.engine.precision == "bf16"
 
 
 def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -91,11 +75,7 @@ class FSDP2Backend(Backend):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        if "WORLD_SIZE" not in os.environ:
-            # Plain `python launch/cpt.py`: a world of one, no launcher needed.
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        ensure_world_env()
         cuda = torch.cuda.is_available()
         if cuda:
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -132,18 +112,7 @@ class FSDP2Backend(Backend):
         fully_shard(model, mesh=self.mesh, mp_policy=mp)  # embeddings, final norm, lm_head
         # fully_shard moves parameters to the mesh's device; buffers (rotary inv_freq) too.
         model.to(self.device)
-        o = self.cfg.optim
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if any(k in name for k in _NO_DECAY) else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
-        self.optimizer = FreezableAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.optimizer = adamw(model, self.cfg)
         self.scheduler = LambdaLR(self.optimizer, lr_lambda)
         self.model = model
         self._micro = 0

@@ -14,7 +14,7 @@ from train.config import Config, save_config
 from train.data import CPTDataLoader
 from train.model import build_model, flops_per_token
 from train.schedule import lr_lambda
-from train.tokenizer import load_tokenizer
+from train.tokenizer import Tokenizer, load_tokenizer
 from train.tracking import NullTracker, Tracker, print0, truncate_jsonl
 from train.trainer import Trainer
 
@@ -29,17 +29,7 @@ def build_trainer(cfg: Config) -> Trainer:
     backend.barrier()
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    data = CPTDataLoader(
-        cfg.data,
-        tokenizer,
-        seq_len=cfg.train.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=cfg.train.grad_accum,
-        dp_rank=backend.rank,
-        dp_world=backend.world_size,
-        seed=cfg.train.seed,
-        max_steps=cfg.train.max_steps,
-    )
+    data = build_data(cfg, tokenizer, backend.rank, backend.world_size)
     phases = data.phases()
     rewarm = [p.start_step for p in phases if _phase_cfg(cfg, p.name).lr_at_start == "rewarm"]
 
@@ -60,15 +50,10 @@ def build_trainer(cfg: Config) -> Trainer:
     if cfg.eval.every_steps or cfg.eval.at_phase_end:
         from train.evaluate import Evaluator
 
-        heldout = {
-            name: data.heldout_sequences(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
-            for name, dom in cfg.data.domains.items()
-            if dom.heldout
-        }
         evaluator = Evaluator(
             cfg.eval,
             tokenizer,
-            heldout,
+            heldout_sets(cfg, data),
             cfg.output_dir,
             device=backend.device,
             is_main=backend.rank == 0,
@@ -89,6 +74,30 @@ def build_trainer(cfg: Config) -> Trainer:
         print0(f"Resumed from {source[0].root / source[1]} at step {trainer.state.step}")
     trainer.tracker = Tracker(cfg, trainer.state.wandb_id) if backend.rank == 0 else NullTracker()
     return trainer
+
+
+def build_data(cfg: Config, tokenizer: Tokenizer, rank: int, world: int) -> CPTDataLoader:
+    """This rank's loader of the run's global batches."""
+    return CPTDataLoader(
+        cfg.data,
+        tokenizer,
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum,
+        dp_rank=rank,
+        dp_world=world,
+        seed=cfg.train.seed,
+        max_steps=cfg.train.max_steps,
+    )
+
+
+def heldout_sets(cfg: Config, data: CPTDataLoader) -> dict[str, list[torch.Tensor]]:
+    """Every domain's fixed held-out token chunks (the same tokens at every evaluation)."""
+    return {
+        name: data.heldout_sequences(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
+        for name, dom in cfg.data.domains.items()
+        if dom.heldout
+    }
 
 
 def _phase_cfg(cfg: Config, name: str):
