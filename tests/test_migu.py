@@ -258,3 +258,40 @@ def test_activation_checkpointing_matches_reference(tmp_path, backend):
     )
     ref = dense_reference(tiny_config(["train.max_steps=2"]), dist["init"], checkpointing=True)
     assert_same(dist, ref)
+
+
+def test_statistics_unchanged_by_an_evaluation_mid_step(tmp_path):
+    """An evaluation between two micro-batches of a step (the in-job Evaluator, perplexity
+    and a multiple-choice task) adds nothing to MIGU's statistics, and training mode is back."""
+    from train.config import EvalConfig, TaskConfig
+    from train.evaluate import Evaluator
+
+    cfg = tiny_config()
+    model = build_model(cfg.model, seed=0)
+    migu = Migu(cfg.migu, model)
+    x = global_batch(cfg, 0, 1)[:2]
+    model(input_ids=x, labels=x).loss.backward()
+    before = [layer.stat.clone() for layer in migu.layers]
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"context": "a b", "choices": [" c", " d"], "gold": 0}\n' * 3)
+
+    class Tok:  # ids below the tiny vocabulary
+        bos_id = 1
+
+        def encode(self, text):
+            return [3 + (ord(c) % 50) for c in text]
+
+    ev = Evaluator(
+        EvalConfig(tasks=[TaskConfig(name="t", path=str(task))]),
+        Tok(),
+        {"d": [x[0], x[1, :9]]},
+        str(tmp_path),
+        device="cpu",
+        is_main=True,
+        max_len=32,
+    )
+    row = ev.evaluate(model, step=0, phase="p", phase_index=0, phase_end=False)
+    assert row["n"]["t"] == 3 and row["tokens"]["d"] > 0
+    for a, layer in zip(before, migu.layers):
+        assert torch.equal(a, layer.stat)
+    assert all(m.training for m in model.modules())
