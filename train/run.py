@@ -115,16 +115,16 @@ def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] |
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume).resolve()
-        problem = Checkpointer.verify(path)
+        source = Checkpointer(path.parent, ckpt.backend)
+        problem = source.verify_collective(path)  # the ranks share the checksumming
         if problem:
             raise RuntimeError(f"resume={cfg.resume}: checkpoint is damaged ({problem}).")
-        return Checkpointer(path.parent, ckpt.backend), path.name
+        return source, path.name
     tag = ckpt.find_latest_good()
     return (ckpt, tag) if tag else None
 
 
 def run(cfg: Config) -> int:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     trainer = build_trainer(cfg)
     state = trainer.fit()
     print0(
