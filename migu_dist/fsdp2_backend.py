@@ -112,7 +112,8 @@ class FSDP2Backend(Backend):
         fully_shard(model, mesh=self.mesh, mp_policy=mp)  # embeddings, final norm, lm_head
         # fully_shard moves parameters to the mesh's device; buffers (rotary inv_freq) too.
         model.to(self.device)
-        self.optimizer = adamw(model, self.cfg)
+        # The fused (single-kernel) AdamW on GPUs, as the DeepSpeed backend.
+        self.optimizer = adamw(model, self.cfg, fused=self.device.type == "cuda")
         self.scheduler = LambdaLR(self.optimizer, lr_lambda)
         self.model = model
         self._micro = 0

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train import model as model_lib
 from train.config import MiguConfig
 
 if TYPE_CHECKING:
@@ -133,7 +134,10 @@ class Migu:
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
             if not (self.collecting and module.training and torch.is_grad_enabled()):
                 return
-            if _in_backward():
+            # A recompute for backward (activation checkpointing) must not count twice. In
+            # eager code autograd's graph-task id says so; a compiled block (model.compile)
+            # cannot read it, and its checkpoint sets a flag that dynamo guards on instead.
+            if model_lib.RECOMPUTING or (not torch.compiler.is_compiling() and _in_backward()):
                 return
             with torch.no_grad():
                 y = output.detach()

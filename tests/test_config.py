@@ -62,6 +62,16 @@ def test_every_problem_reported_at_once(monkeypatch):
         assert key in text, f"{key!r} not in:\n{text}"
 
 
+def test_compile_with_zero3_is_refused_and_fsdp2_accepted(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny-cpu.yaml", ["model.compile=true"], world_size=2)
+    assert "model.compile: not supported with DeepSpeed ZeRO-3" in str(e.value)
+    assert "engine.backend=fsdp2" in str(e.value)
+    for ok in (["engine.backend=fsdp2"], ["engine.zero_stage=2"]):
+        assert load_config("configs/tiny-cpu.yaml", ["model.compile=true", *ok]).model.compile
+
+
 def test_resolved_config_round_trips(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config("configs/tiny-cpu.yaml", ["train.max_steps=3"])

@@ -196,16 +196,43 @@ def test_activation_checkpointing_gives_same_masks():
             torch.testing.assert_close(x, y)
 
 
-def _migu_masks(cfg, init, checkpointing):
-    """The migu_dist collector on one process (no DeepSpeed), masks of 2 steps."""
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_give_same_statistics():
+    """model.compile with activation checkpointing: the hooks run inside the compiled blocks,
+    the recompute is told apart by its checkpoint context (not autograd's graph-task id,
+    invisible there), and the statistics equal eager ones. Third step: a shorter sequence
+    (a recompile with dynamic shapes)."""
+    cfg = tiny_config()
+    init = build_model(cfg.model, seed=3).state_dict()
+    plain_masks, plain_stats = _migu_masks(cfg, init, checkpointing=False, steps=3)
+    cfg.model.compile = True
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    ckpt_masks, ckpt_stats = _migu_masks(cfg, init, checkpointing=True, steps=3)
+    # Really compiled, hooks included: graphs were built and nothing broke out to eager.
+    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for a, b in zip(plain_masks, ckpt_masks):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for a, b in zip(plain_stats, ckpt_stats):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def _migu_masks(cfg, init, checkpointing, steps=2):
+    """The migu_dist collector on one process (no DeepSpeed), masks of ``steps`` steps (the
+    third is 3/4 as long)."""
     cfg.model.activation_checkpointing = checkpointing
     model = build_model(cfg.model, seed=0)
     model.load_state_dict(init)
     model.train()
     migu = Migu(cfg.migu, model)
     masks, stats = [], []
-    for step in range(2):
+    for step in range(steps):
         x = global_batch(cfg, step, 1)
+        if step == 2:
+            x = x[:, : x.shape[1] * 3 // 4]
         model(input_ids=x, labels=x).loss.backward()
         stats.append([layer.stat.clone() for layer in migu.layers])
         masks.append(migu.compute_masks(step))
@@ -251,10 +278,15 @@ def test_grad_mode_first_step_without_weight_decay_leaves_masked_rows(tmp_path):
         assert torch.equal(before[name + ".weight"][~keep], after[name + ".weight"][~keep])
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize(
+    "backend", [*BACKENDS, pytest.param("fsdp2-compile", marks=pytest.mark.slow)]
+)
 def test_activation_checkpointing_matches_reference(tmp_path, backend):
+    """fsdp2-compile: model.compile (blocks compiled under FSDP2, checkpointed outside)."""
+    engine = BACKENDS[backend.split("-")[0]]
+    extra = ["model.compile=true"] if backend.endswith("compile") else []
     dist = run_worker(
-        tmp_path, "model.activation_checkpointing=true", "train.max_steps=2", BACKENDS[backend]
+        tmp_path, "model.activation_checkpointing=true", "train.max_steps=2", engine, *extra
     )
     ref = dense_reference(tiny_config(["train.max_steps=2"]), dist["init"], checkpointing=True)
     assert_same(dist, ref)

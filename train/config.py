@@ -67,6 +67,12 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory (MIGU statistics are
     collected once per micro-batch, not again during recompute)."""
+    compile: bool = False
+    """``torch.compile`` each decoder block's forward (torchtitan's per-block recipe; MIGU's
+    statistics hooks are traced into the compiled graph). The first steps pay the compile
+    time (about a minute per distinct shape on CPU). Supported with engine.backend fsdp2 and
+    DeepSpeed ZeRO 0-2; not with ZeRO-3, whose per-module parameter fetch hooks run inside
+    the block."""
     init_std: float = 0.02
     """Standard deviation of the random initialisation (models built from shape only)."""
 
@@ -562,6 +568,12 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         p.append(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}.")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         p.append(f"engine.zero_stage: {cfg.engine.zero_stage} is not a ZeRO stage; use 0-3.")
+    if cfg.model.compile and cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3:
+        p.append(
+            "model.compile: not supported with DeepSpeed ZeRO-3 (its parameter-fetch hooks "
+            "run inside each block); use engine.backend=fsdp2, a ZeRO stage 0-2, or "
+            "model.compile=false."
+        )
     if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
         p.append(f"engine.deepspeed_config: {cfg.engine.deepspeed_config!r} does not exist.")
     if not 0 < cfg.migu.keep_ratio <= 1:

@@ -9,7 +9,9 @@ materialises whole on one rank.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
@@ -79,7 +81,9 @@ def build_model(
     model.config.use_cache = False
     if lora is not None and lora.enabled:
         add_lora(model, lora, seed=seed)
-    if cfg.activation_checkpointing:
+    if cfg.compile:
+        compile_blocks(model, checkpoint=cfg.activation_checkpointing)
+    elif cfg.activation_checkpointing:
         # Non-reentrant checkpointing: the recompute runs inside autograd's backward, which is
         # how MIGU's hooks tell a recompute from a real forward.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
@@ -87,6 +91,47 @@ def build_model(
         else:
             model.gradient_checkpointing_enable({"use_reentrant": False})
     return model
+
+
+# True while a block compiled by ``compile_blocks`` is recomputed for backward. Forward hooks
+# (MIGU's statistics) read it: inside compiled code autograd's graph-task id is not visible,
+# and dynamo guards on this flag instead (one extra compiled variant for the recompute).
+RECOMPUTING = False
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    global RECOMPUTING
+    RECOMPUTING = True
+    try:
+        yield
+    finally:
+        RECOMPUTING = False
+
+
+def _recompute_context() -> tuple[ContextManager, ContextManager]:
+    return contextlib.nullcontext(), _recomputing()
+
+
+def _checkpointed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(
+        fn, *args, use_reentrant=False, context_fn=_recompute_context, **kwargs
+    )
+
+
+def compile_blocks(model: LlamaForCausalLM, *, checkpoint: bool) -> None:
+    """``torch.compile`` every decoder block's ``forward`` (not ``__call__``): module-level hooks,
+    such as FSDP2's all-gather, stay outside the compiled code, and the state-dict keys are
+    unchanged. The hooks of the linears inside a block (MIGU's) are traced into its graph.
+
+    With ``checkpoint``, the compiled forward is wrapped in non-reentrant activation
+    checkpointing here instead of transformers' (which would checkpoint inside the compiled
+    region, where dynamo cannot trace the hooks' side effects and falls back to eager).
+    """
+    for block in model.model.layers:
+        block.gradient_checkpointing = False  # ours, below, replaces transformers'
+        compiled = torch.compile(block.forward)
+        block.forward = functools.partial(_checkpointed, compiled) if checkpoint else compiled
 
 
 def add_lora(model: LlamaForCausalLM, cfg: LoraConfig, *, seed: int) -> None:
