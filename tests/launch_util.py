@@ -20,6 +20,12 @@ QUIET = [
     "checkpoint.at_phase_end=false",
 ]
 
+# The overrides that pick each sharding backend; tests parametrised over backends use these ids.
+ENGINES = {
+    "deepspeed": ["engine.backend=deepspeed", "engine.zero_stage=3"],
+    "fsdp2": ["engine.backend=fsdp2"],
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:

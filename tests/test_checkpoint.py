@@ -1,9 +1,12 @@
-"""Sharded checkpoints, exact resume, fault tolerance and Hugging Face export.
+"""Sharded checkpoints, exact resume, fault tolerance and Hugging Face export, per backend.
 
-Real 2-rank DeepSpeed ZeRO-3 runs on gloo (``torchrun --standalone``), no mocks. One
-uninterrupted reference run (``reference``) is shared: every interrupted run must reproduce
-its metrics rows bit for bit after the step it resumed from, and its final checkpoint is the
-one exported and compared against the distributed model's logits.
+Real 2-rank runs on gloo (``torchrun --standalone``), no mocks, once with DeepSpeed ZeRO-3 and
+once with FSDP2 (the ``backend`` fixture). Per backend, one uninterrupted reference run
+(``reference``) is shared: every interrupted run must reproduce its metrics rows bit for bit
+after the step it resumed from, and its final checkpoint is the one exported and compared
+against the distributed model's logits. What differs between the backends' checkpoint files
+(which file is a rank's shard, how to read the model and the AdamW moments back in one
+process) is in the helpers below; the tests themselves are shared.
 
 Signals: ``torchrun`` forwards a SIGTERM it receives to the workers (they checkpoint and exit
 0) but then exits 1 itself (``SignalException``); a SIGTERM sent to the workers makes them
@@ -18,12 +21,15 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
+from migu_dist.fsdp2_backend import consolidate
+from tests.launch_util import ENGINES
 from train.checkpoint import MANIFEST, Checkpointer, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,14 +49,22 @@ BASE = [
 TIMEOUT = 240
 
 
-def start(out: Path, extra: list[str] = (), script: str = "launch/cpt.py", nproc: int = 2):
+@pytest.fixture(scope="module", params=list(ENGINES))
+def backend(request) -> str:
+    """The backend every test of this module runs with (module scope: one reference each)."""
+    return request.param
+
+
+def start(
+    out: Path, backend: str, extra: list[str] = (), script: str = "launch/cpt.py", nproc: int = 2
+):
     """Launch a run in its own process group; output goes to ``out``.log."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={nproc}", script, "--config", CONFIG, f"output_dir={out}"]
     log = open(f"{out}.log", "ab")  # noqa: SIM115 - closed by finish()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
-        cmd + BASE + list(extra),
+        cmd + BASE + ENGINES[backend] + list(extra),
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -72,8 +86,8 @@ def finish(proc, out: Path, timeout: float = TIMEOUT) -> tuple[int, str]:
     return rc, Path(f"{out}.log").read_text()
 
 
-def run(out: Path, extra: list[str] = (), **kw) -> tuple[int, str]:
-    return finish(start(out, extra, **kw), out)
+def run(out: Path, backend: str, extra: list[str] = (), **kw) -> tuple[int, str]:
+    return finish(start(out, backend, extra, **kw), out)
 
 
 def rows(out: Path) -> dict[int, dict]:
@@ -138,19 +152,61 @@ def flip_bytes(path: Path) -> None:
         f.write(bytes(x ^ 0xFF for x in b))
 
 
-def zero_state(root: Path, tag: str) -> dict[str, torch.Tensor]:
+# ------------------------------------------------------------------------------ per backend
+
+
+def shard(d: Path, backend: str, rank: int) -> Path:
+    """Rank ``rank``'s shard file in checkpoint directory ``d`` (its weights and moments)."""
+    if backend == "fsdp2":  # torch.distributed.checkpoint: one file per rank
+        return d / f"__{rank}_0.distcp"
+    return d / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def model_state(root: Path, tag: str, backend: str) -> dict[str, torch.Tensor]:
+    """The whole fp32 model of checkpoint ``root/tag``, read back in this one process."""
+    if backend == "fsdp2":
+        return consolidate(root / tag)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
 
 
+def adam_moments(d: Path, backend: str) -> dict[str, torch.Tensor]:
+    """Every AdamW ``exp_avg``/``exp_avg_sq`` tensor of checkpoint ``d``, by a readable name.
+
+    DeepSpeed: each rank's flat fp32 partition moments in its ``*_optim_states.pt``; FSDP2:
+    the DCP entries ``optim.state.<fqn>.<moment>`` reassembled whole (no process group)."""
+    moments = ("exp_avg", "exp_avg_sq")
+    if backend == "fsdp2":
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        keys = FileSystemReader(str(d)).read_metadata().state_dict_metadata
+        wanted = {
+            k for k in keys if k.startswith("optim.state.") and k.rsplit(".", 1)[1] in moments
+        }
+        with warnings.catch_warnings():  # "no process group": a one-process load is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            state = _load_state_dict_from_keys(wanted, checkpoint_id=str(d))["optim"]["state"]
+        return {f"{fqn}.{m}": s[m] for fqn, s in state.items() for m in moments}
+    out = {}
+    for rank in (0, 1):
+        saved = torch.load(shard(d, backend, rank), weights_only=False)
+        state = saved["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        out.update({f"rank{rank}.{i}.{m}": s[m] for i, s in state.items() for m in moments})
+    return out
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(backend, tmp_path_factory) -> Path:
     """Uninterrupted run through ``build_trainer`` + logits of the final sharded model, with
     a Hugging Face export at every phase end."""
-    out = tmp_path_factory.mktemp("ckpt") / "ref"
+    out = tmp_path_factory.mktemp(f"ckpt-{backend}") / "ref"
     rc, log = run(
-        out, ["checkpoint.export_hf_at_phase_end=true"], script="tests/workers/ckpt_train.py"
+        out,
+        backend,
+        ["checkpoint.export_hf_at_phase_end=true"],
+        script="tests/workers/ckpt_train.py",
     )
     assert rc == 0, log[-3000:]
     return out
@@ -160,7 +216,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_sigterm_sigkill_corruption_resume_bit_identical(reference, tmp_path):
+def test_sigterm_sigkill_corruption_resume_bit_identical(backend, reference, tmp_path):
     """One run, interrupted twice, always restarted with the same command:
 
     1. SIGTERM to the workers at step >= 5: checkpoint at the next step boundary, exit 0
@@ -174,7 +230,7 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(reference, tmp_path):
     ref = rows(reference)
     out = tmp_path / "interrupted"
     ck = out / "checkpoints"
-    proc = start(out)
+    proc = start(out, backend)
     wait_for_step(proc, out, 5)
     ranks = workers(proc)
     assert len(ranks) == 2
@@ -188,20 +244,20 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(reference, tmp_path):
     assert latest(out) == tag_for(stopped) and stopped < 9
     assert Checkpointer.verify(ck / tag_for(stopped)) is None
 
-    proc = start(out)
+    proc = start(out, backend)
     wait_for_step(proc, out, 10)
     kill_all(proc, signal.SIGKILL)
     rc, log = finish(proc, out)
     assert f"Resumed from {ck / tag_for(stopped)} at step {stopped}" in log
     newest = latest(out)
     assert newest == tag_for(9)
-    flip_bytes(ck / newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    flip_bytes(shard(ck / newest, backend, rank=1))
     half = ck / tag_for(10)  # a save that died before its manifest
     half.mkdir(exist_ok=True)
-    (half / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"partial")
+    shard(half, backend, rank=0).write_bytes(b"partial")
 
     Path(f"{out}.log").unlink()
-    rc, log = run(out)
+    rc, log = run(out, backend)
     assert rc == 0, log[-3000:]
     assert f"checkpoint {ck / newest} is damaged" in log and "checksum mismatch" in log
     assert resumed_step(log) == 8
@@ -215,7 +271,7 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_skip_then_stop(tmp_path):
+def test_nonfinite_loss_skip_then_stop(backend, tmp_path):
     """lr=1e30 blows the weights up after the first step, so every later loss is NaN/inf.
     skip: the skipped step leaves weights and optimizer untouched and the run goes on;
     after max_skipped_steps consecutive skips it stops non-zero with the last good
@@ -230,7 +286,7 @@ def test_nonfinite_loss_skip_then_stop(tmp_path):
         "checkpoint.every_steps=1",
         "checkpoint.keep_last=10",
     ]
-    rc, log = run(out, extra)
+    rc, log = run(out, backend, extra)
     assert rc != 0, log[-3000:]  # torchrun exits 1 whenever a worker fails (workers: 3)
     got = rows(out)
     skipped = [s for s, r in got.items() if r.get("skipped")]
@@ -242,22 +298,19 @@ def test_nonfinite_loss_skip_then_stop(tmp_path):
     # The stopping step writes nothing: latest is the last skipped step, complete and valid.
     assert latest(out) == tag_for(first + 1)
     assert Checkpointer.verify(ck / tag_for(first + 1)) is None
-    before, after = zero_state(ck, tag_for(first - 1)), zero_state(ck, tag_for(first + 1))
+    good, skip = tag_for(first - 1), tag_for(first + 1)
+    before, after = model_state(ck, good, backend), model_state(ck, skip, backend)
+    assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), f"{k} changed in a skipped step"
-    for rank in (0, 1):
-        name = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        a = torch.load(ck / tag_for(first - 1) / name, weights_only=False)
-        b = torch.load(ck / tag_for(first + 1) / name, weights_only=False)
-        sa = a["optimizer_state_dict"]["optimizer_state_dict"]["state"]
-        sb = b["optimizer_state_dict"]["optimizer_state_dict"]["state"]
-        for i in sa:
-            for m in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(sa[i][m], sb[i][m]), f"rank {rank} {m} moved when skipped"
+    before, after = adam_moments(ck / good, backend), adam_moments(ck / skip, backend)
+    assert before and before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{k} moved when skipped"
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stop_policy(tmp_path):
+def test_nonfinite_loss_stop_policy(backend, tmp_path):
     out = tmp_path / "nanstop"
     extra = [
         "optim.lr=1e30",
@@ -266,7 +319,7 @@ def test_nonfinite_loss_stop_policy(tmp_path):
         "train.nonfinite_loss=stop",
         "checkpoint.every_steps=1",
     ]
-    rc, log = run(out, extra)
+    rc, log = run(out, backend, extra)
     assert rc != 0, log[-3000:]
     assert "Non-finite loss" in log and "stopping" in log
     last_good = max(rows(out))
@@ -283,7 +336,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.mark.slow
-def test_full_disk_fails_the_save_cleanly(tmp_path):
+def test_full_disk_fails_the_save_cleanly(backend, tmp_path):
     """checkpoints/ on an 80 MB tmpfs; one checkpoint is ~50 MB, so the second save hits a
     real ENOSPC mid-write (typically on one rank only: the other's shard fits). That save
     fails on every rank without a hang, its directory is removed, the first checkpoint stays
@@ -293,7 +346,7 @@ def test_full_disk_fails_the_save_cleanly(tmp_path):
     if not _mount_tmpfs(ck, "80m"):
         pytest.skip("needs root to mount a small tmpfs (a real full disk)")
     try:
-        rc, log = run(out, ["train.max_steps=3", "checkpoint.every_steps=1"])
+        rc, log = run(out, backend, ["train.max_steps=3", "checkpoint.every_steps=1"])
         listing = sorted(p.name for p in ck.iterdir())
         ok_tag = tag_for(1)
         assert rc != 0, log[-3000:]  # the final save failed too
@@ -308,10 +361,10 @@ def test_full_disk_fails_the_save_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-def test_world_size_change_is_refused(reference, tmp_path):
-    """A 2-rank ZeRO checkpoint resumed with 1 rank: refused, with what to do instead."""
+def test_world_size_change_is_refused(backend, reference, tmp_path):
+    """A 2-rank checkpoint resumed with 1 rank: refused, with what to do instead."""
     src = reference / "checkpoints" / tag_for(12)
-    rc, log = run(tmp_path / "ws", [f"resume={src}"], nproc=1)
+    rc, log = run(tmp_path / "ws", backend, [f"resume={src}"], nproc=1)
     assert rc != 0
     assert "was written by 2 ranks, this job has 1" in log
     assert "launch/export_hf.py" in log and "model.init_from" in log
@@ -330,11 +383,13 @@ def _copy_tags(reference: Path, dst: Path, tags: list[str]) -> Path:
     return root
 
 
-def test_truncated_latest_falls_back_and_manifestless_dir_is_ignored(reference, tmp_path, capsys):
+def test_truncated_latest_falls_back_and_manifestless_dir_is_ignored(
+    backend, reference, tmp_path, capsys
+):
     root = _copy_tags(reference, tmp_path, [tag_for(8), tag_for(9), tag_for(12)])
-    shard = root / tag_for(12) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    with shard.open("r+b") as f:
-        f.truncate(shard.stat().st_size // 2)
+    path = shard(root / tag_for(12), backend, rank=0)
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
     assert "truncated" in Checkpointer.verify(root / tag_for(12))
     (root / tag_for(9) / MANIFEST).unlink()  # an incomplete save: never a candidate
     assert Checkpointer(root).find_latest_good() == tag_for(8)
@@ -349,9 +404,9 @@ def test_truncated_latest_falls_back_and_manifestless_dir_is_ignored(reference, 
 # ------------------------------------------------------------------------------ export
 
 
-def test_export_matches_trained_model_logits_and_generates(reference, tmp_path):
+def test_export_matches_trained_model_logits_and_generates(backend, reference, tmp_path):
     """launch/export_hf.py on checkpoints/ (latest = final step), one process, no GPU: the
-    exported model's logits equal the distributed ZeRO-3 model's, and it generates."""
+    exported model's logits equal the distributed (sharded) model's, and it generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "hf"
@@ -377,11 +432,12 @@ def test_export_matches_trained_model_logits_and_generates(reference, tmp_path):
     science = AutoModelForCausalLM.from_pretrained(reference / "hf" / "science").state_dict()
     assert all(torch.equal(science[k], v) for k, v in trained["state_dict"].items())
     general = AutoModelForCausalLM.from_pretrained(reference / "hf" / "general").state_dict()
-    at4 = zero_state(reference / "checkpoints", tag_for(4))
+    at4 = model_state(reference / "checkpoints", tag_for(4), backend)
     assert all(torch.equal(general[k], v) for k, v in at4.items())
     assert not torch.equal(general["lm_head.weight"], science["lm_head.weight"])
 
 
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
 def test_deepspeed_zero_to_fp32_script_reads_our_checkpoints(reference, tmp_path):
     """The zero_to_fp32.py DeepSpeed copies into checkpoints/ follows our ``latest``."""
     from safetensors.torch import load_file

@@ -3,9 +3,9 @@
     torchrun --standalone --nproc_per_node 2 tests/workers/ckpt_train.py --config C [k=v ...]
 
 Builds the trainer exactly as the entry point does (``train.run.build_trainer``), trains, then
-runs one forward of a fixed (2, 16) batch through the sharded model (collective under ZeRO-3)
-and saves ``<output_dir>/logits.pt`` on rank 0: the input ids, the (2, 16, vocab) logits and
-the full consolidated state dict. Exits like ``launch/cpt.py``.
+runs one forward of a fixed (2, 16) batch through the sharded model (collective under ZeRO-3
+and FSDP2 alike) and saves ``<output_dir>/logits.pt`` on rank 0: the input ids, the
+(2, 16, vocab) logits and the full consolidated state dict. Exits like ``launch/cpt.py``.
 """
 
 import os
