@@ -1,6 +1,7 @@
-"""Evaluation against independent single-process references, and 2-rank ZeRO-3 parity.
+"""Evaluation against independent single-process references, and 2-rank parity of the
+sharded model (DeepSpeed ZeRO-3 and FSDP2) with one process.
 
-Run as a script under torchrun (``--worker OUT``) it is the worker of the 2-rank test.
+Run as a script under torchrun (``--worker OUT BACKEND``) it is the worker of the 2-rank test.
 """
 
 import json
@@ -339,7 +340,8 @@ def test_report_resume_duplicates_and_saved_config(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# 2 ranks, real DeepSpeed ZeRO-3 engine, against the same functions in one process
+# 2 ranks, a real sharded model (DeepSpeed ZeRO-3 engine or FSDP2), against the same
+# functions in one process
 # --------------------------------------------------------------------------------------
 
 MC_MAX_LEN = 96
@@ -354,13 +356,18 @@ def _evaluate_everything(model, device="cpu"):
     return {"ppl": ppl, "mc": ev.accuracy(task, lls), "lls": lls}
 
 
-def _worker(out_dir):
-    import deepspeed
-    import torch.distributed as dist
+def _shard(model, backend):
+    """``(what the trainer evaluates, the module it wraps)`` after sharding ``model`` over the
+    ranks; every forward then gathers parameters (a collective) on both backends."""
+    if backend == "fsdp2":  # the project's backend: fully_shard per decoder block, then root
+        from migu_dist.fsdp2_backend import FSDP2Backend
+        from train.config import Config, EngineConfig
 
-    model = tiny_llama()
-    calls = [0]
-    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        fsdp2 = FSDP2Backend(Config(engine=EngineConfig(backend="fsdp2", dist_timeout_minutes=2)))
+        fsdp2.setup(model, lambda step: 1.0)
+        return fsdp2.module, fsdp2.module
+    import deepspeed
+
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -372,11 +379,21 @@ def _worker(out_dir):
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         },
     )
+    return engine, engine.module
+
+
+def _worker(out_dir, backend):
+    import torch.distributed as dist
+
+    model = tiny_llama()
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    engine, module = _shard(model, backend)
     rank = dist.get_rank()
     assert dist.get_world_size() == 2
     engine.train()
     result = _evaluate_everything(engine)
-    result["module_training_after"] = engine.module.training
+    result["module_training_after"] = module.training
     result["forward_calls"] = calls[0]
     chunks = heldout_chunks()
     evaluator = ev.Evaluator(
@@ -394,7 +411,8 @@ def _worker(out_dir):
     dist.barrier()
 
 
-def test_two_rank_zero3_matches_one_process(tmp_path):
+@pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])
+def test_two_rank_sharded_model_matches_one_process(tmp_path, backend):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
@@ -405,6 +423,7 @@ def test_two_rank_zero3_matches_one_process(tmp_path):
         __file__,
         "--worker",
         str(tmp_path),
+        backend,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -427,4 +446,5 @@ def test_two_rank_zero3_matches_one_process(tmp_path):
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker(sys.argv[sys.argv.index("--worker") + 1])
+    at = sys.argv.index("--worker")
+    _worker(out_dir=sys.argv[at + 1], backend=sys.argv[at + 2])

@@ -1,4 +1,5 @@
-"""launch/evaluate.py on a saved ZeRO-3 checkpoint reproduces the in-job evaluation."""
+"""launch/evaluate.py on a saved checkpoint (DeepSpeed ZeRO-3 or FSDP2) reproduces the in-job
+evaluation."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import sys
 
 import pytest
 
-from tests.launch_util import ROOT, run_cpt
+from tests.launch_util import ENGINES, ROOT, run_cpt
 
 
-def test_offline_evaluation_matches_in_job_evaluation(tmp_path):
+@pytest.mark.parametrize("backend", list(ENGINES))
+def test_offline_evaluation_matches_in_job_evaluation(tmp_path, backend):
     out = tmp_path / "run"
     run_cpt(
         out,
+        *ENGINES[backend],
         "train.max_steps=3",
         "data.phases.0.steps=3",
         "eval.at_phase_end=true",
