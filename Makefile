@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 NPROC   ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),2)
 PORT    ?= 29511
 
-.PHONY: setup demo test test-fast check format clean
+.PHONY: setup demo test test-fast bench check format clean
 
 setup: $(PYTHON)
 
@@ -35,6 +35,18 @@ test: setup
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Every benchmark, one JSON line each (see BENCHMARKS.md): the GPU suite where there is a GPU.
+bench: setup
+ifeq ($(HAS_GPU),1)
+	PYTHON=$(PYTHON) bash bench/gpu.sh
+else
+	$(PYTHON) bench/bench_train.py
+	$(PYTHON) bench/bench_train.py engine.backend=fsdp2
+	$(PYTHON) bench/bench_train.py engine.backend=fsdp2 model.compile=true
+	$(PYTHON) bench/bench_data.py
+	$(PYTHON) bench/bench_checkpoint.py
+endif
 
 check: setup
 	$(PYTHON) -m ruff check .

@@ -1,12 +1,15 @@
 """Training throughput and MIGU overhead, measured side by side in one run.
 
     python bench/bench_train.py                      # tiny model, 2 CPU ranks (relaunches itself)
+    python bench/bench_train.py engine.backend=fsdp2 model.compile=true   # any config override
     python bench/bench_train.py --nproc 1 --peak-tflops 989 model.hidden_size=2048 ...  # GPU
 
-Two DeepSpeed engines over the same initial weights and the same batches: one plain, one
+Two engines of the configured backend (DeepSpeed ZeRO-3 by default, through the same backend
+seam as training) over the same initial weights and the same batches: one plain, one
 with MIGU. Blocks of steps alternate between them so that drift on a shared machine hits
 both equally. Prints one JSON line: step time with and without MIGU, overhead, tokens/s,
-MFU (when --peak-tflops is given), MIGU's all-reduce bytes vs the gradient bytes per step,
+MFU (when --peak-tflops is given; FLOPs per token as logged in training, PaLM's
+6·N + 12·L·d·T), MIGU's all-reduce bytes vs the gradient bytes per step,
 and peak memory per rank.
 """
 
@@ -48,10 +51,11 @@ def main() -> None:
         sys.exit(subprocess.call(cmd, env=env))
     import torch
 
-    from migu_dist.deepspeed_backend import DeepSpeedBackend
+    from migu_dist import build_backend
+    from migu_dist.backend import use_bf16
     from migu_dist.migu import Migu
     from train.config import load_config
-    from train.model import build_model
+    from train.model import build_model, flops_per_token
 
     base = [
         "train.micro_batch_size=4", "train.grad_accum=2", "train.seq_len=128",
@@ -66,8 +70,11 @@ def main() -> None:
     engines = {}
     init_state = None
     for name in ("plain", "migu"):
-        backend = DeepSpeedBackend(cfg)
-        model = build_model(cfg.model, seed=0, init_context=backend.init_context())
+        backend = build_backend(cfg)
+        model = build_model(
+            cfg.model, seed=0, dtype=backend.param_dtype, init_context=backend.init_context()
+        )
+        fpt = flops_per_token(model, cfg.train.seq_len)
         migu = Migu(cfg.migu, model) if name == "migu" else None
         backend.setup(model, lambda s: 1.0)
         if init_state is None:
@@ -125,7 +132,10 @@ def main() -> None:
     n_params = sum(v.numel() for v in init_state.values()) if init_state else 0
     migu = engines["migu"][1]
     stat_floats = sum(layer.stat.numel() for layer in migu.layers)
-    grad_bytes = n_params * (2 if backend.param_dtype == torch.bfloat16 else 4)
+    bf16 = use_bf16(cfg)
+    # Bytes of gradient reduced per step: DeepSpeed reduces bf16 gradients in bf16, FSDP2's
+    # mixed-precision policy here reduces in fp32.
+    grad_bytes = n_params * (2 if bf16 and cfg.engine.backend == "deepspeed" else 4)
     if torch.cuda.is_available():
         peak_mem = torch.cuda.max_memory_allocated() / 2**20
         hardware = torch.cuda.get_device_name()
@@ -146,8 +156,12 @@ def main() -> None:
                 "layers": cfg.model.num_layers,
                 "vocab": cfg.model.vocab_size,
             },  # fmt: skip
-            "zero_stage": cfg.engine.zero_stage,
-            "dtype": str(backend.param_dtype),
+            "backend": cfg.engine.backend,
+            "zero_stage": cfg.engine.zero_stage if cfg.engine.backend == "deepspeed" else None,
+            "compile": cfg.model.compile,
+            "activation_checkpointing": cfg.model.activation_checkpointing,
+            "seq_len": t.seq_len,
+            "precision": "bf16" if bf16 else "fp32",
             "tokens_per_step": tokens_per_step,
             "steps_timed_each": len(step_times["plain"]),
             "step_s_plain": round(med["plain"], 5),
@@ -161,8 +175,10 @@ def main() -> None:
             "peak_mem_mib_per_rank": [round(m, 1) for m in mems],
         }
         if args.peak_tflops:
-            flops = 6 * n_params * tps  # model FLOPs per second (no attention term)
-            out["mfu_pct_plain"] = round(100 * flops / (args.peak_tflops * 1e12 * world), 2)
+            peak = args.peak_tflops * 1e12 * world
+            out["peak_tflops_per_device"] = args.peak_tflops
+            out["mfu_pct_plain"] = round(100 * fpt * tps / peak, 2)
+            out["mfu_pct_migu"] = round(100 * fpt * tokens_per_step / med["migu"] / peak, 2)
         print(json.dumps(out), flush=True)
 
 

@@ -249,11 +249,14 @@ BACKENDS = {"deepspeed": "engine.backend=deepspeed", "fsdp2": "engine.backend=fs
 @pytest.mark.parametrize(
     "engine",
     ["engine.zero_stage=3", "engine.zero_stage=2", "engine.zero_stage=1", "engine.zero_stage=0"]
-    + [BACKENDS["fsdp2"]],
+    + [BACKENDS["fsdp2"], "engine.deepspeed_config=configs/deepspeed/zero3-8gpu.json"],
 )
 def test_backend_matches_dense_reference(tmp_path, engine):
     """Same kept rows and same parameters after 3 steps, grad accumulation 2, clipping on:
-    DeepSpeed ZeRO 0-3 and FSDP2 (rows of intermediate_size 37 split 19/18 over 2 ranks)."""
+    DeepSpeed ZeRO 0-3 and FSDP2 (rows of intermediate_size 37 split 19/18 over 2 ranks), and
+    ZeRO-3 with the 7B recipe's tunables (overlapped communication, buckets, and a persistence
+    threshold under which this model's weights stay whole while their gradients are still
+    partitioned)."""
     dist = run_worker(tmp_path, engine)
     ref = dense_reference(tiny_config([engine]), dist["init"])
     assert_same(dist, ref)
