@@ -220,16 +220,17 @@ class Migu:
     # ---------------------------------------------------------------- telemetry & state
 
     def _telemetry(self, masks: list[torch.Tensor]) -> dict[str, float]:
-        kept = sum(int(m.sum()) for m in masks)
-        total = sum(m.numel() for m in masks)
+        # One device->host copy of every mask (not one sync per layer); the rest is on CPU.
+        on_cpu = torch.cat(masks).cpu().split([m.numel() for m in masks])
+        kept = sum(int(m.sum()) for m in on_cpu)
+        total = sum(m.numel() for m in on_cpu)
         out: dict[str, float] = {"migu/kept_frac": kept / total}
         by_kind: dict[str, list[int]] = {}
         jac_prev, jac_dom = [], []
-        for layer, keep in zip(self.layers, masks):
+        for layer, keep_cpu in zip(self.layers, on_cpu):
             k = by_kind.setdefault(layer.kind, [0, 0])
-            k[0] += int(keep.sum())
-            k[1] += keep.numel()
-            keep_cpu = keep.cpu()
+            k[0] += int(keep_cpu.sum())
+            k[1] += keep_cpu.numel()
             if layer.keep is not None:
                 jac_prev.append(_jaccard(layer.keep, keep_cpu))
             if layer.name in self.prev_domain_keep:
