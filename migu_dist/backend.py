@@ -53,6 +53,12 @@ class Backend(abc.ABC):
         return contextlib.nullcontext()
 
     @property
+    def empty_init(self) -> bool:
+        """Whether the model is to be built empty (``build_model(empty=True)``, parameters on
+        the meta device): ``setup`` then materialises and loads each rank's shard itself."""
+        return False
+
+    @property
     def param_dtype(self) -> torch.dtype:
         return torch.float32
 

@@ -97,6 +97,21 @@ class FSDP2Backend(Backend):
         self._micro = 0
 
     @property
+    def empty_init(self) -> bool:
+        # Continual pre-training starts from a Hugging Face directory: build it on the meta
+        # device, shard, then each rank reads only its own rows of the safetensors files
+        # (``_load_hf_shards``). Random init (no init_from) and LoRA build the whole model on
+        # every rank first (small models, or adapters whose init peft does at creation).
+        m = self.cfg.model
+        if not m.init_from or self.cfg.lora.enabled:
+            return False
+        if not any(Path(m.init_from).glob("*.safetensors")):
+            return False  # .bin weights: from_pretrained on every rank
+        from transformers import AutoConfig
+
+        return not AutoConfig.from_pretrained(m.init_from).tie_word_embeddings
+
+    @property
     def param_dtype(self) -> torch.dtype:
         # Build in fp32: the sharded parameters are the optimizer's master weights; bf16
         # compute comes from the mixed-precision policy.
@@ -110,6 +125,8 @@ class FSDP2Backend(Backend):
         for block in decoder_blocks(model):
             fully_shard(block, mesh=self.mesh, mp_policy=mp)
         fully_shard(model, mesh=self.mesh, mp_policy=mp)  # embeddings, final norm, lm_head
+        if any(p.is_meta for p in model.parameters()):
+            self._load_hf_shards(model)
         # fully_shard moves parameters to the mesh's device; buffers (rotary inv_freq) too.
         model.to(self.device)
         # The fused (single-kernel) AdamW on GPUs, as the DeepSpeed backend.
@@ -117,6 +134,18 @@ class FSDP2Backend(Backend):
         self.scheduler = LambdaLR(self.optimizer, lr_lambda)
         self.model = model
         self._micro = 0
+
+    def _load_hf_shards(self, model: nn.Module) -> None:
+        """Materialise an empty (meta) sharded model on this rank's device and fill each
+        rank's shards from ``model.init_from``'s safetensors (DCP's Hugging Face reader:
+        every rank reads the rows it owns; stored dtypes, e.g. bf16, convert to fp32)."""
+        buffers = {n: b for n, b in model.named_buffers() if not b.is_meta}
+        model.to_empty(device=self.device)
+        for name, b in buffers.items():  # computed buffers (rotary frequencies) survive
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = b.to(self.device)
+        sd = get_model_state_dict(model)
+        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(self.cfg.model.init_from)))
 
     @property
     def module(self) -> nn.Module:

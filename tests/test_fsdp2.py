@@ -306,3 +306,42 @@ def test_slurm_script_two_nodes_sigterm_requeues_and_resumes(runs, tmp_path):
     assert _wait(proc, log) == 0, log.read_text()[-4000:]
     assert f"Resumed from {out / 'checkpoints' / stopped}" in log.read_text()
     assert_same_rows(by_step(out), by_step(runs["fsdp2"]), rel=0)
+
+
+# ------------------------------------------------------------------------ empty build
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_fsdp2_from_hf_directory_builds_empty_and_loads_each_rank_shard(tmp_path, stored):
+    """init_from under FSDP2: the model is built on the meta device (no rank holds it whole),
+    sharded, and every rank reads its rows from the safetensors; the result equals
+    ``from_pretrained`` in one process exactly (bf16 files: the same bf16 values in fp32),
+    rotary frequencies included (same logits)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = load_config(ROOT / CONFIG)
+    init = tmp_path / "init"
+    build_model(cfg.model, seed=5).to(stored).save_pretrained(init)
+    out = tmp_path / "loaded.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "workers" / "fsdp2_init.py"), str(init), str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    got = torch.load(out, weights_only=False)
+    assert got["empty"] and got["was_meta"]
+    ref = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
+    for name, p in ref.named_parameters():
+        rows = p.shape[0]
+        assert [s[name] for s in got["shapes"]] == [
+            (row_range(rows, r, 2)[1], *p.shape[1:]) for r in range(2)
+        ], name
+    sd = ref.state_dict()
+    assert sorted(got["state_dict"]) == sorted(sd)
+    for k, v in sd.items():
+        assert got["state_dict"][k].dtype == torch.float32
+        assert torch.equal(got["state_dict"][k], v), k
+    ref.train()
+    with torch.no_grad():
+        logits = ref(input_ids=got["input_ids"]).logits
+    torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)

@@ -57,24 +57,39 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     init_context: ContextManager | None = None,
     lora: LoraConfig | None = None,
+    empty: bool = False,
 ) -> LlamaForCausalLM:
     """Create the model on every rank identically (same seed), inside ``init_context``; with
-    ``lora.enabled``, inject LoRA adapters and freeze everything else."""
+    ``lora.enabled``, inject LoRA adapters and freeze everything else.
+
+    ``empty``: only the skeleton (of ``init_from``'s config or of the shape), its parameters
+    on the meta device, neither initialised nor loaded; the backend materialises each rank's
+    shard and loads it (FSDP2: a 7B model then never exists whole on a rank). Buffers that
+    are computed, not loaded (the rotary frequencies), are real."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)
-    with init_context or contextlib.nullcontext():
-        # Both constructors below honour a sharded-construction context that transformers
-        # recognises (DeepSpeed ZeRO-3's, see DeepSpeedBackend.init_context): they partition
-        # parameters as they are created AND still run the weight init / weight loading on
-        # them, which a bare ``deepspeed.zero.Init`` around ``LlamaForCausalLM(cfg)`` does not.
-        if cfg.init_from:
-            model = LlamaForCausalLM.from_pretrained(
-                cfg.init_from, dtype=dtype, attn_implementation=attn
-            )
-        else:
-            model = LlamaForCausalLM._from_config(
-                llama_config(cfg), dtype=dtype, attn_implementation=attn
-            )
+    if empty:
+        if lora is not None and lora.enabled:
+            raise ValueError("build_model(empty=True) does not support LoRA adapters")
+        config = LlamaConfig.from_pretrained(cfg.init_from) if cfg.init_from else llama_config(cfg)
+        with torch.device("meta"):
+            model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+        _real_rotary_buffers(model)
+    else:
+        with init_context or contextlib.nullcontext():
+            # Both constructors below honour a sharded-construction context that transformers
+            # recognises (DeepSpeed ZeRO-3's, see DeepSpeedBackend.init_context): they
+            # partition parameters as they are created AND still run the weight init / weight
+            # loading on them, which a bare ``deepspeed.zero.Init`` around
+            # ``LlamaForCausalLM(cfg)`` does not.
+            if cfg.init_from:
+                model = LlamaForCausalLM.from_pretrained(
+                    cfg.init_from, dtype=dtype, attn_implementation=attn
+                )
+            else:
+                model = LlamaForCausalLM._from_config(
+                    llama_config(cfg), dtype=dtype, attn_implementation=attn
+                )
     # from_pretrained returns a model in eval mode; training (and MIGU's statistics, which
     # are only collected in training mode) needs train mode.
     model.train()
@@ -132,6 +147,17 @@ def compile_blocks(model: LlamaForCausalLM, *, checkpoint: bool) -> None:
         block.gradient_checkpointing = False  # ours, below, replaces transformers'
         compiled = torch.compile(block.forward)
         block.forward = functools.partial(_checkpointed, compiled) if checkpoint else compiled
+
+
+def _real_rotary_buffers(model: LlamaForCausalLM) -> None:
+    """Rebuild (on CPU) the modules whose buffers were created on the meta device: the rotary
+    embeddings, whose frequencies are computed from the config."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not type(module).__name__.endswith("RotaryEmbedding"):
+                raise ValueError(f"{name}: buffers on the meta device that cannot be rebuilt")
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, type(module)(config=model.config))
 
 
 def add_lora(model: LlamaForCausalLM, cfg: LoraConfig, *, seed: int) -> None:

@@ -39,6 +39,7 @@ def build_trainer(cfg: Config) -> Trainer:
         dtype=backend.param_dtype,
         init_context=backend.init_context(),
         lora=cfg.lora,
+        empty=backend.empty_init,
     )
     migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
     reg = None

@@ -1,0 +1,56 @@
+"""FSDP2 built empty from a Hugging Face directory: what ``setup`` loads, per rank.
+
+    torchrun --standalone --nproc_per_node 2 tests/workers/fsdp2_init.py INIT_DIR OUT.pt
+
+Builds the tiny-cpu model exactly as ``train.run.build_trainer`` does with
+``engine.backend=fsdp2 model.init_from=INIT_DIR``, sets it up, and saves on rank 0: whether
+the build was empty (meta parameters before setup), the local shard shapes of every rank,
+the consolidated state dict and the logits of a fixed batch.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from migu_dist import build_backend  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.model import build_model  # noqa: E402
+
+
+def main() -> None:
+    init, out = sys.argv[1], sys.argv[2]
+    overrides = ["engine.backend=fsdp2", f"model.init_from={init}"]
+    cfg = load_config("configs/tiny-cpu.yaml", overrides, world_size=dist_world())
+    backend = build_backend(cfg)
+    model = build_model(cfg.model, seed=0, dtype=backend.param_dtype, empty=backend.empty_init)
+    was_meta = all(p.is_meta for p in model.parameters())
+    backend.setup(model, lambda s: 1.0)
+    shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
+    all_shapes = [None] * backend.world_size
+    dist.all_gather_object(all_shapes, shapes)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.model.vocab_size, (2, 16), generator=gen)
+    with torch.no_grad():
+        logits = backend.module(input_ids=ids).logits
+    full = backend.full_state_dict()
+    if backend.rank == 0:
+        torch.save(
+            {"empty": backend.empty_init, "was_meta": was_meta, "shapes": all_shapes,
+             "state_dict": full, "input_ids": ids, "logits": logits},
+            out,
+        )  # fmt: skip
+    dist.barrier()
+
+
+def dist_world() -> int:
+    import os
+
+    return int(os.environ["WORLD_SIZE"])
+
+
+if __name__ == "__main__":
+    main()
