@@ -286,7 +286,8 @@ class Checkpointer:
         if state["world_size"] != self.world:
             raise CheckpointError(
                 f"checkpoint {d} was written by {state['world_size']} ranks, this job has "
-                f"{self.world}. ZeRO shards are tied to the rank count: resume with "
+                f"{self.world}. Its shards and per-rank state (RNG streams, loader) are tied "
+                f"to the rank count: resume with "
                 f"{state['world_size']} ranks, or export the weights "
                 f"(python launch/export_hf.py --checkpoint {d} --out DIR) and start a new run "
                 "with model.init_from=DIR (optimizer state and data position start fresh)."
