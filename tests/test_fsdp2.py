@@ -1,5 +1,6 @@
-"""The FSDP2 backend end to end: parity with DeepSpeed ZeRO-3, DCP checkpoints, a two-node
-torchrun job simulated on one machine, and the SLURM script's requeue.
+"""The FSDP2 backend end to end: parity with DeepSpeed ZeRO-3, DCP checkpoints, two-node jobs
+simulated on one machine (torchrun, and DeepSpeed's hostfile launch over pdsh/ssh), and the
+SLURM script's requeue.
 
 Real 2-rank jobs on gloo (``torchrun``), no mocks. Short reference runs (one per engine,
 ``runs``) are shared by the tests. The checks both backends must pass are parametrised over
@@ -12,6 +13,7 @@ Face export in ``tests/test_checkpoint.py``; evaluation in ``tests/test_evaluate
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,23 +206,62 @@ def _cpt(out: Path, extra: list[str], init: Path) -> list[str]:
 # ------------------------------------------------------------------------ multi-node
 
 
+def _ssh_to_localhost() -> str | None:
+    """Why the DeepSpeed hostfile launch cannot run here (None: it can). It needs pdsh and
+    password-less ssh to this machine, as between real nodes (.ci/ssh_localhost.sh sets
+    them up)."""
+    if shutil.which("pdsh") is None:
+        return "pdsh is not installed"
+    opts = ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "ConnectTimeout=5"]
+    for host in ("localhost", "127.0.0.1"):
+        r = subprocess.run(["ssh", *opts, host, "true"], capture_output=True, timeout=30)
+        if r.returncode != 0:
+            return f"no password-less ssh to {host}"
+    return None
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
-def test_two_node_torchrun_equals_single_node(runs, tmp_path, backend):
-    """Two `torchrun --nnodes 2 --nproc_per_node 1` agents (one per simulated node, c10d
-    rendezvous) on one shared output_dir: the same steps as a single-node 2-rank job, every
-    output written once, checkpoints complete."""
+@pytest.mark.parametrize(
+    ("launcher", "backend"),
+    [("torchrun", "fsdp2"), ("torchrun", "deepspeed"), ("hostfile", "deepspeed"),
+     ("hostfile", "fsdp2")],
+)  # fmt: skip
+def test_two_node_launch_equals_single_node(runs, tmp_path, launcher, backend):
+    """Two nodes of one rank each on one machine, one shared output_dir, the config unchanged:
+    - torchrun: two `torchrun --nnodes 2 --nproc_per_node 1` agents (c10d rendezvous);
+    - hostfile: `deepspeed --hostfile` with two hosts (localhost, 127.0.0.1), which the
+      DeepSpeed launcher reaches over pdsh/ssh as it does real nodes.
+    The same steps as a single-node 2-rank job, every output written once, checkpoints
+    complete."""
     out, port = tmp_path / "run", free_port()
     procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-               f"--rdzv_id=twonode-{port}", "--max_restarts=0"]  # fmt: skip
-        extra = ENGINES[backend]
-        log = tmp_path / f"node{node}.log"
-        procs.append((_start(cmd + _cpt(out, extra, runs.init), log), log))
+    if launcher == "hostfile":
+        if why := _ssh_to_localhost():
+            pytest.skip(why)
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={hostfile}",
+               f"--master_port={port}"]  # fmt: skip
+        # What every node's ranks get in their environment, as users pass it (.deepspeed_env):
+        # one thread per rank like the other launches, so the numerics are the same.
+        env_file = tmp_path / "deepspeed_env"
+        env_file.write_text("OMP_NUM_THREADS=1\n")
+        log = tmp_path / "launcher.log"
+        env = {"DS_ENV_FILE": str(env_file)}
+        procs.append((_start(cmd + _cpt(out, ENGINES[backend], runs.init), log, env), log))
+    else:
+        for node in range(2):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                   "--nproc_per_node=1", f"--node_rank={node}", "--rdzv_backend=c10d",
+                   f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=twonode-{port}",
+                   "--max_restarts=0"]  # fmt: skip
+            log = tmp_path / f"node{node}.log"
+            procs.append((_start(cmd + _cpt(out, ENGINES[backend], runs.init), log), log))
     for proc, log in procs:
         assert _wait(proc, log) == 0, log.read_text()[-4000:]
+    if launcher == "hostfile":  # both hosts really ran a rank
+        text = procs[0][1].read_text()
+        assert "localhost: " in text and "127.0.0.1: " in text, text[-3000:]
 
     # Logged once: one row per step (two writers would duplicate or interleave rows).
     assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1))
