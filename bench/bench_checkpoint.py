@@ -147,7 +147,10 @@ def main() -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
+        import torch.distributed as dist
+
         worker(args)
+        dist.destroy_process_group()  # not left to interpreter shutdown (gloo can abort there)
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={args.nproc}", __file__, "--worker"]

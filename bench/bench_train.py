@@ -184,3 +184,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "RANK" in os.environ:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # not left to interpreter shutdown (gloo can abort there)

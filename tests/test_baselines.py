@@ -292,3 +292,4 @@ def test_lora_l2_migu_run_resumes_with_anchor(tmp_path):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         worker(sys.argv[2], sys.argv[3:])
+        torch.distributed.destroy_process_group()  # not left to interpreter shutdown

@@ -448,3 +448,4 @@ def test_two_rank_sharded_model_matches_one_process(tmp_path, backend):
 if __name__ == "__main__" and "--worker" in sys.argv:
     at = sys.argv.index("--worker")
     _worker(out_dir=sys.argv[at + 1], backend=sys.argv[at + 2])
+    torch.distributed.destroy_process_group()  # not left to interpreter shutdown

@@ -128,6 +128,7 @@ def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] |
 def run(cfg: Config) -> int:
     trainer = build_trainer(cfg)
     state = trainer.fit()
+    trainer.backend.close()
     print0(
         f"done: step {state.step}, tokens {state.tokens}, exit={trainer.exit_reason}",
         rank=trainer.backend.rank,

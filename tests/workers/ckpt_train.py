@@ -41,6 +41,7 @@ def main() -> int:
             {"input_ids": ids, "logits": logits, "state_dict": full},
             Path(cfg.output_dir, "logits.pt"),
         )
+    backend.close()
     return 0 if trainer.exit_reason in ("finished", "signal") else 3
 
 

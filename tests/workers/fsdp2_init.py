@@ -44,6 +44,7 @@ def main() -> None:
             out,
         )  # fmt: skip
     dist.barrier()
+    backend.close()
 
 
 def dist_world() -> int:
