@@ -31,7 +31,7 @@ demo: setup
 		launch/cpt.py --config configs/tiny-cpu.yaml $(ARGS)
 
 test: setup
-	$(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
