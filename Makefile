@@ -46,6 +46,7 @@ else
 	$(PYTHON) bench/bench_train.py engine.backend=fsdp2 model.compile=true
 	$(PYTHON) bench/bench_data.py
 	$(PYTHON) bench/bench_checkpoint.py
+	$(PYTHON) bench/bench_checkpoint.py --backend fsdp2
 endif
 
 check: setup

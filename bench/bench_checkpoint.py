@@ -1,15 +1,18 @@
-"""Checkpoint save/load throughput: our Checkpointer on DeepSpeed vs plain torch.save/load.
+"""Checkpoint save/load throughput: our Checkpointer vs plain torch.save/load.
 
-    python bench/bench_checkpoint.py [--nproc 2] [--repeats 3] [--dir /tmp/bench_ckpt]
+    python bench/bench_checkpoint.py [--backend deepspeed|fsdp2] [--nproc 2] [--repeats 3]
+                                     [--dir /tmp/bench_ckpt]
 
 Launches itself on ``--nproc`` ranks (torchrun, gloo on CPU), builds the tiny-cpu model
 (configs/tiny-cpu.yaml: 4.2M parameters, ~50 MB of ZeRO-3 checkpoint with the AdamW moments),
 takes one optimizer step so the optimizer state exists, then per repeat:
 
-- ours: ``Checkpointer.save`` (DeepSpeed shards + per-rank state + CRC32 manifest + ``latest``)
-  and ``find_latest_good`` + ``Checkpointer.load`` (checksums every file, restores the engine);
-- plain: every rank ``torch.save`` of the very objects DeepSpeed wrote for it (same bytes,
-  same disk, no checksums, no barriers) and ``torch.load`` of them back.
+- ours: ``Checkpointer.save`` (the backend's shards: DeepSpeed ZeRO-3 files or FSDP2's DCP
+  ``.distcp``; per-rank state + CRC32 manifest + ``latest``) and ``find_latest_good`` +
+  ``Checkpointer.load`` (checksums every file, restores the engine);
+- plain: every rank ``torch.save`` of the same tensors (DeepSpeed: the very objects it wrote
+  for that rank; FSDP2: the rank's local shards of the weights and AdamW moments, plus its
+  trainer state) on the same disk, no checksums, no barriers, and ``torch.load`` of them back.
 
 Time is the slowest rank's, between barriers; bytes are summed over ranks; throughput is
 bytes / median time. Prints one JSON line. Loads read files just written (warm page cache).
@@ -49,14 +52,16 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from migu_dist.deepspeed_backend import DeepSpeedBackend
+    from migu_dist import build_backend
+    from migu_dist.optim import local
     from train.checkpoint import Checkpointer, tag_for
     from train.config import load_config
     from train.model import build_model
 
     world = int(os.environ["WORLD_SIZE"])
-    cfg = load_config(ROOT / "configs/tiny-cpu.yaml", ["logging.wandb=false"], world_size=world)
-    backend = DeepSpeedBackend(cfg)
+    overrides = ["logging.wandb=false", f"engine.backend={args.backend}"]
+    cfg = load_config(ROOT / "configs/tiny-cpu.yaml", overrides, world_size=world)
+    backend = build_backend(cfg)
     model = build_model(cfg.model, seed=0, init_context=backend.init_context())
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     backend.setup(model, lambda step: 1.0)
@@ -78,12 +83,22 @@ def worker(args: argparse.Namespace) -> None:
     for i in range(1, args.repeats + 1):
         save_s.append(_timed(lambda i=i: ckpt.save(i, state, rank_state, pinned=False)))
         load_s.append(_timed(lambda: ckpt.load(ckpt.find_latest_good())))
-        # The same objects DeepSpeed wrote for this rank, through plain torch.save/load.
         d = ours_dir / tag_for(i)
-        mine = sorted(d.glob(f"zero_pp_rank_{backend.rank}_*.pt")) + [
-            d / f"rank_{backend.rank:05d}.pt"
-        ]
-        objs = {p.name: torch.load(p, weights_only=False) for p in mine}
+        rank_file = d / f"rank_{backend.rank:05d}.pt"
+        if args.backend == "deepspeed":
+            # The same objects DeepSpeed wrote for this rank, through plain torch.save/load.
+            mine = sorted(d.glob(f"zero_pp_rank_{backend.rank}_*.pt")) + [rank_file]
+            objs = {p.name: torch.load(p, weights_only=False) for p in mine}
+        else:
+            # This rank's shards of the weights and AdamW moments, and its trainer state.
+            opt = backend.optimizer
+            tensors = {}
+            for name, p in backend.module.named_parameters():
+                tensors[name] = local(p.data).clone()
+                for m, v in opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.dim():
+                        tensors[f"{name}.{m}"] = local(v).clone()
+            objs = {"shard.pt": tensors, rank_file.name: torch.load(rank_file, weights_only=False)}
         psave_s.append(
             _timed(lambda objs=objs: [torch.save(o, plain_dir / n) for n, o in objs.items()])
         )
@@ -96,6 +111,7 @@ def worker(args: argparse.Namespace) -> None:
     sizes = [0] * world
     dist.all_gather_object(sizes, mine_plain)
     plain_bytes = sum(sizes)
+    zero_stage = cfg.engine.zero_stage if args.backend == "deepspeed" else None
     if backend.rank == 0:
         fs = subprocess.run(["df", "-T", str(base)], capture_output=True, text=True).stdout
         med = statistics.median
@@ -115,8 +131,8 @@ def worker(args: argparse.Namespace) -> None:
                     "plain_bytes": plain_bytes,
                     "conditions": {
                         "world_size": world,
-                        "backend": "deepspeed",
-                        "zero_stage": cfg.engine.zero_stage,
+                        "backend": args.backend,
+                        "zero_stage": zero_stage,
                         "device": str(backend.device),
                         "dist_backend": dist.get_backend(),
                         "model_params": n_params,
@@ -125,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
                         "dir": str(base),
                         "fs": fs.splitlines()[-1].split()[1] if fs else "?",
                         "page_cache": "warm (loads read files just written; no fsync of shards)",
-                        "ours_load_includes": "CRC32 of every file + engine.load_checkpoint",
+                        "ours_load_includes": "CRC32 of every file + the backend's load",
                         "cpu_count": os.cpu_count(),
                         "torch": torch.__version__,
                         "deepspeed": deepspeed.__version__,
@@ -141,6 +157,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", choices=["deepspeed", "fsdp2"], default="deepspeed")
     p.add_argument("--nproc", type=int, default=2, help="ranks (torchrun, gloo on CPU)")
     p.add_argument("--repeats", type=int, default=3, help="saves/loads timed, median reported")
     p.add_argument("--dir", default="/tmp/bench_ckpt", help="where to write (pick the disk)")
@@ -154,7 +171,7 @@ def main() -> int:
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={args.nproc}", __file__, "--worker"]
-    cmd += ["--repeats", str(args.repeats), "--dir", args.dir]
+    cmd += ["--repeats", str(args.repeats), "--dir", args.dir, "--backend", args.backend]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith('{"bench"')]
