@@ -4,8 +4,8 @@
 
 Builds the tiny-cpu model exactly as ``train.run.build_trainer`` does with
 ``engine.backend=fsdp2 model.init_from=INIT_DIR``, sets it up, and saves on rank 0: whether
-the build was empty (meta parameters before setup), the local shard shapes of every rank,
-the consolidated state dict and the logits of a fixed batch.
+the build was empty (meta parameters before setup), the consolidated state dict and the
+logits of a fixed batch; every rank saves its local shard shapes to ``OUT.pt.shapes<rank>``.
 """
 
 import sys
@@ -26,25 +26,34 @@ def main() -> None:
     overrides = ["engine.backend=fsdp2", f"model.init_from={init}"]
     cfg = load_config("configs/tiny-cpu.yaml", overrides, world_size=dist_world())
     backend = build_backend(cfg)
+    rank = backend.rank
     model = build_model(cfg.model, seed=0, dtype=backend.param_dtype, empty=backend.empty_init)
     was_meta = all(p.is_meta for p in model.parameters())
     backend.setup(model, lambda s: 1.0)
+    stage(rank, "loaded")
+    # Each rank's local shard shapes, in a file of its own.
     shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
-    all_shapes = [None] * backend.world_size
-    dist.all_gather_object(all_shapes, shapes)
+    torch.save(shapes, f"{out}.shapes{rank}")
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.model.vocab_size, (2, 16), generator=gen)
     with torch.no_grad():
         logits = backend.module(input_ids=ids).logits
     full = backend.full_state_dict()
-    if backend.rank == 0:
+    stage(rank, "gathered")
+    if rank == 0:
         torch.save(
-            {"empty": backend.empty_init, "was_meta": was_meta, "shapes": all_shapes,
-             "state_dict": full, "input_ids": ids, "logits": logits},
+            {"empty": backend.empty_init, "was_meta": was_meta, "state_dict": full,
+             "input_ids": ids, "logits": logits},
             out,
         )  # fmt: skip
     dist.barrier()
     backend.close()
+    stage(rank, "closed")
+
+
+def stage(rank: int, what: str) -> None:
+    """Progress on stdout, so that a failure says how far each rank got."""
+    print(f"rank {rank}: {what}", flush=True)
 
 
 def dist_world() -> int:
