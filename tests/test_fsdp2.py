@@ -369,6 +369,7 @@ def test_fsdp2_from_hf_directory_builds_empty_and_loads_each_rank_shard(tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout[-3000:] + "\n" + r.stderr[:3000] + r.stderr[-3000:]
+    assert "rank 0: closed" in r.stdout and "rank 1: closed" in r.stdout, r.stdout
     got = torch.load(out, weights_only=False)
     assert got["empty"] and got["was_meta"]
     shapes = [torch.load(f"{out}.shapes{r}") for r in range(2)]

@@ -8,6 +8,7 @@ the build was empty (meta parameters before setup), the consolidated state dict 
 logits of a fixed batch; every rank saves its local shard shapes to ``OUT.pt.shapes<rank>``.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,10 +58,16 @@ def stage(rank: int, what: str) -> None:
 
 
 def dist_world() -> int:
-    import os
-
     return int(os.environ["WORLD_SIZE"])
 
 
 if __name__ == "__main__":
     main()
+    # Exit without interpreter finalisation: in 2 of 4 fresh-clone CI runs (never locally, in
+    # 20+ runs) one rank of this worker aborted in C++ ("terminate called without an active
+    # exception", SIGABRT) with no output, most likely while tearing down at exit
+    # (pytorch/pytorch#190489); the cause is not found. Everything is saved, the process
+    # group is destroyed and the streams are flushed by now; launch/cpt.py exits normally.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
