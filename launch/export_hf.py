@@ -1,4 +1,5 @@
-"""Export a checkpoint of a run as a Hugging Face Llama directory (one process, CPU is fine).
+"""Export a checkpoint of a run as a Hugging Face directory of its model class (Llama, Mistral,
+Qwen2; one process, CPU is fine).
 
     python launch/export_hf.py --checkpoint runs/x/checkpoints --out hf/x
     python launch/export_hf.py --checkpoint runs/x/checkpoints/step_00000040 --out hf/x

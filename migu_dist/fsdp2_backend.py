@@ -105,7 +105,9 @@ class FSDP2Backend(Backend):
         m = self.cfg.model
         if not m.init_from or self.cfg.lora.enabled:
             return False
-        if not any(Path(m.init_from).glob("*.safetensors")):
+        from train.model import weight_files
+
+        if weight_files(m.init_from)[0].suffix != ".safetensors":
             return False  # .bin weights: from_pretrained on every rank
         from transformers import AutoConfig
 

@@ -17,6 +17,10 @@ Per step:
    (``row = flat // in_features``); a row that straddles two ranks' partitions is masked by
    both, each on its own part. No full gradient is ever gathered.
 
+A masked linear's bias (Qwen2's q/k/v projections have one) is masked with the same rows as
+its weight: bias[i] is part of output unit i, whose magnitude decided the mask, so a masked
+unit's bias stays as still as its weights (its gradient is zeroed; ``mode: update`` freezes it).
+
 With LoRA adapters (peft ``lora.Linear`` modules, selected by the same include regexes as the
 linear they wrap) only the adapters train, and their rows are masked instead: B
 (out_features, r) by the magnitude of the wrapped layer's combined output (base + adapter:
@@ -207,14 +211,18 @@ class Migu:
         masks = self.compute_masks(step)
         freeze = self.cfg.mode == "update"
         for layer, keep in zip(self.layers, masks):
-            weight = cast(nn.Parameter, layer.owner.weight)
-            for frag in backend.grad_fragments(weight):
-                grad = frag.get()  # (>= numel,) flat, this rank's part
-                elem = row_mask_for_range(keep, frag.param_start, frag.numel, layer.cols)
-                grad[: frag.numel].mul_(elem.to(grad.dtype))
-                frag.set(grad)
-                if freeze:
-                    backend.freeze_elements(frag, ~elem)
+            # (param, elements per row): the weight (rows, cols) and its bias (rows,), if any.
+            params = [(layer.owner.weight, layer.cols)]
+            if layer.owner.bias is not None and layer.owner.bias.requires_grad:
+                params.append((layer.owner.bias, 1))
+            for param, cols in params:
+                for frag in backend.grad_fragments(cast(nn.Parameter, param)):
+                    grad = frag.get()  # (>= numel,) flat, this rank's part
+                    elem = row_mask_for_range(keep, frag.param_start, frag.numel, cols)
+                    grad[: frag.numel].mul_(elem.to(grad.dtype))
+                    frag.set(grad)
+                    if freeze:
+                        backend.freeze_elements(frag, ~elem)
         return self._telemetry(masks)
 
     # ---------------------------------------------------------------- telemetry & state

@@ -33,15 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpt_command(nproc: int, config: str, overrides: list[str], launcher: str) -> list[str]:
-    script = [str(ROOT / "launch" / "cpt.py"), "--config", config, *overrides]
+def cpt_command(
+    nproc: int, config: str, overrides: list[str], launcher: str, script: str = "launch/cpt.py"
+) -> list[str]:
+    """``script`` (launch/cpt.py, or a test worker with its command line) under ``launcher``."""
+    command = [str(ROOT / script), "--config", config, *overrides]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                "--master_port", str(free_port()), *script]  # fmt: skip
+                "--master_port", str(free_port()), *command]  # fmt: skip
     if launcher == "python":
-        return [sys.executable, *script]
+        return [sys.executable, *command]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", *script]  # fmt: skip
+            f"--nproc_per_node={nproc}", *command]  # fmt: skip
 
 
 def run_cpt(
@@ -53,11 +56,12 @@ def run_cpt(
     quiet: bool = True,
     timeout: int = 600,
     check: bool = True,
+    script: str = "launch/cpt.py",
 ) -> subprocess.CompletedProcess:
     args = [f"output_dir={out_dir}", *(QUIET if quiet else []), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
     proc = subprocess.run(
-        cpt_command(nproc, config, args, launcher),
+        cpt_command(nproc, config, args, launcher, script),
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     if check:

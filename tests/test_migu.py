@@ -96,28 +96,33 @@ def dense_reference(cfg, init: dict, *, checkpointing: bool = False) -> dict:
             keep = torch.zeros(rows, dtype=torch.bool)
             keep[order[:k]] = True
             masks.append(keep)
-            m.weight.grad[~keep] = 0.0
+            for p in rows_of(m):  # a bias (Qwen2's q/k/v) is masked with its weight's rows
+                p.grad[~keep] = 0.0
             stats[n].zero_()
         all_masks.append(masks)
-        frozen = {}
+        frozen = []
         if cfg.migu.mode == "update":
-            for (n, m), keep in zip(linears.items(), masks):
-                st = opt.state.get(m.weight, {})
-                frozen[n] = (
-                    m.weight.detach()[~keep].clone(),
-                    {k: st[k][~keep].clone() for k in ("exp_avg", "exp_avg_sq") if k in st},
-                )
+            for m, keep in zip(linears.values(), masks):
+                for p in rows_of(m):
+                    st = opt.state.get(p, {})
+                    moments = {
+                        k: st[k][~keep].clone() for k in ("exp_avg", "exp_avg_sq") if k in st
+                    }
+                    frozen.append((p, keep, p.detach()[~keep].clone(), moments))
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
-        for (n, m), keep in zip(linears.items(), masks):
-            if n in frozen:
-                w, moments = frozen[n]
-                with torch.no_grad():
-                    m.weight[~keep] = w
-                for k in ("exp_avg", "exp_avg_sq"):
-                    opt.state[m.weight][k][~keep] = moments.get(k, 0.0)
+        for p, keep, w, moments in frozen:
+            with torch.no_grad():
+                p[~keep] = w
+            for k in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][k][~keep] = moments.get(k, 0.0)
         opt.zero_grad()
     return {"masks": all_masks, "final": model.state_dict(), "layers": list(linears)}
+
+
+def rows_of(linear: torch.nn.Linear) -> list[torch.Tensor]:
+    """The parameters whose dim 0 is the linear's output rows: its weight, and bias if any."""
+    return [linear.weight] + ([linear.bias] if linear.bias is not None else [])
 
 
 def assert_same(dist: dict, ref: dict, atol: float = 2e-5) -> None:

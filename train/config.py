@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,14 +34,48 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------
 
 
+# ``model_type`` of a Hugging Face config.json -> the transformers class that ``init_from``
+# builds for it. Each is a decoder whose blocks are ``model.layers.N`` with ``self_attn`` and
+# ``mlp`` linears named ``*_proj``: MIGU's default include, LoRA's default targets and FSDP2's
+# per-block sharding rely on that layout. A type is added here only with a test that loads a
+# tiny model of it on 2 ranks (tests/test_families.py).
+MODEL_FAMILIES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",  # Llama 2 and 3 (3.1+ rope scaling), SmolLM2, TinyLlama...
+    "mistral": "MistralForCausalLM",  # Mistral 7B (sliding-window attention)
+    "qwen2": "Qwen2ForCausalLM",  # Qwen2 / Qwen2.5 (q/k/v biases, often tied embeddings)
+}
+
+
+def model_family_problem(init_from: str) -> str | None:
+    """Why ``init_from``'s config.json cannot be trained faithfully (None: it can)."""
+    path = Path(init_from, "config.json")
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        return f"model.init_from: cannot read {path} ({e}); point it to a Hugging Face model."
+    if model_type not in MODEL_FAMILIES:
+        supported = ", ".join(f"{t} ({c})" for t, c in MODEL_FAMILIES.items())
+        return (
+            f"model.init_from: {init_from!r} holds a model of type {model_type!r}, which this "
+            f"trainer does not support; supported model types: {supported}. Convert the "
+            "checkpoint to one of them or start from a supported model."
+        )
+    return None
+
+
 @dataclass
 class ModelConfig:
-    """Shape of the Llama model, or a Hugging Face directory to start from."""
+    """Shape of the (Llama) model built from scratch, or a Hugging Face directory to start from."""
 
     init_from: str | None = None
-    """Local Hugging Face Llama directory (config + weights) to initialise from. Weights only:
-    optimizer, data position and step start fresh. When set, the shape fields below are
-    ignored and read from that directory's config.json."""
+    """Local Hugging Face directory (config.json + safetensors or .bin weights) to initialise
+    from. Weights only: optimizer, data position and step start fresh. When set, the shape
+    fields below are ignored: the model is the transformers class of config.json's
+    ``model_type``, one of ``llama`` (Llama 2 and 3), ``mistral``, ``qwen2``; any other type is
+    refused when the config is validated. Loading is strict: a weight missing from the
+    directory, one the model does not have, or one of another shape is an error (a tied
+    ``lm_head.weight`` may be absent; stored ``rotary_emb.inv_freq`` buffers are ignored, as
+    they are computed from the config)."""
     vocab_size: int = 32000
     """Vocabulary size; must cover the tokenizer's ids."""
     hidden_size: int = 64
@@ -164,7 +199,9 @@ class MiguConfig:
     divided by its L1 norm over units first, so every token weighs the same."""
     include: list[str] = field(default_factory=lambda: [r"layers\.\d+\.(self_attn|mlp)\.\w+_proj$"])
     """Regexes (re.search on module names) of nn.Linear modules to mask; default all linear
-    layers of the transformer blocks. Add 'lm_head$' to mask the output head too."""
+    layers of the transformer blocks of every supported family (Llama, Mistral, Qwen2 name
+    them alike). A masked linear's bias (Qwen2's q/k/v) is masked with the same rows as its
+    weight. Add 'lm_head$' to mask the output head too."""
     exclude: list[str] = field(default_factory=list)
     """Regexes of module names never masked, applied after include."""
     start_step: int = 0
@@ -257,9 +294,12 @@ class DataConfig:
     document_position_ids: bool = False
     """Restart position ids at each document inside a packed sequence."""
     add_bos: bool = True
-    """Prepend BOS to each document."""
+    """Prepend BOS to each document, when the tokenizer has one. Tokenizers without a BOS
+    token (Qwen2's: ``bos_token: null``) get none: their documents are separated by EOS alone,
+    as in the model's own pre-training."""
     add_eos: bool = True
-    """Append EOS to each document."""
+    """Append EOS to each document. With a tokenizer without BOS it is the only document
+    separator, so turning it off is refused there."""
 
 
 @dataclass
@@ -541,8 +581,17 @@ def validate(cfg: Config, world_size: int) -> list[str]:
     elif not Path(m.init_from, "config.json").is_file():
         p.append(
             f"model.init_from: {m.init_from!r} has no config.json; point it to a local Hugging "
-            "Face Llama directory."
+            "Face model directory."
         )
+    else:
+        family = model_family_problem(m.init_from)
+        if family:
+            p.append(family)
+        if not any(Path(m.init_from).glob(g) for g in ("*.safetensors", "pytorch_model*.bin")):
+            p.append(
+                f"model.init_from: {m.init_from!r} holds no weights (*.safetensors or "
+                "pytorch_model*.bin); point it to a complete Hugging Face model directory."
+            )
     for k in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
         positive(f"train.{k}", getattr(t, k))
     if t.seq_len > m.max_position_embeddings and m.init_from is None:

@@ -27,7 +27,8 @@ Multiple choice, the way lm-evaluation-harness scores ``multiple_choice`` tasks:
 * tokens: lm-eval's ``_encode_pair`` with a BOS token: trailing spaces of the context move to
   the continuation, the whole string ``context + choice`` is encoded, and the continuation is
   the tokens after ``len(encode(context))``; the context gets BOS in front
-  (lm-eval ``add_bos_token=True``);
+  (lm-eval ``add_bos_token=True``), or EOS with a tokenizer without BOS (Qwen2's), as
+  lm-eval's ``prefix_token_id`` falls back to EOS;
 * score: the sum of log-probabilities of the continuation tokens; the model input is
   ``(context + continuation)[-(max_len + 1):][:-1]`` (left truncation, as lm-eval);
 * ``acc``: argmax of the sums is the gold index (first maximum wins, as ``np.argmax``);
@@ -65,7 +66,8 @@ INITIAL_PHASE_INDEX = -1
 class TokenizerLike(Protocol):
     """What evaluation needs from a tokenizer."""
 
-    bos_id: int
+    bos_id: int | None
+    eos_id: int
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
@@ -230,14 +232,16 @@ def fewshot_context(
 def encode_pair(
     tokenizer: TokenizerLike, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """lm-eval's ``_encode_pair`` with BOS: (BOS + context tokens, continuation tokens)."""
+    """lm-eval's ``_encode_pair`` with a prefix token: (BOS + context tokens, continuation
+    tokens); EOS stands in for BOS when the tokenizer has none."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
     whole = list(tokenizer.encode(context + continuation))
     ctx = list(tokenizer.encode(context))
-    return [tokenizer.bos_id, *ctx], whole[len(ctx) :]
+    prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+    return [prefix, *ctx], whole[len(ctx) :]
 
 
 def choice_length(choice: str) -> int:

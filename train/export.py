@@ -1,4 +1,6 @@
-"""Checkpoint -> Hugging Face ``LlamaForCausalLM`` directory, in one process, on CPU.
+"""Checkpoint -> Hugging Face directory of the model's own class (``LlamaForCausalLM``,
+``MistralForCausalLM``, ``Qwen2ForCausalLM``: that of ``init_from``'s config.json, else a Llama),
+in one process, on CPU.
 
 ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, which needs neither
 the original number of ranks nor a GPU: it reads every rank's fp32 master partition from the
@@ -76,15 +78,10 @@ def consolidated_state_dict(root: Path, tag: str, zero_stage: int) -> dict[str, 
 
 
 def hf_config(cfg: Config, dtype: torch.dtype):
-    """The ``LlamaConfig`` the run trained: from ``init_from``'s config.json, else the shape."""
-    from transformers import LlamaConfig
+    """The transformers config the run trained: ``init_from``'s config.json, else the shape."""
+    from train.model import hf_config as model_hf_config
 
-    from train.model import llama_config
-
-    if cfg.model.init_from:
-        config = LlamaConfig.from_pretrained(cfg.model.init_from)
-    else:
-        config = llama_config(cfg.model)
+    config = model_hf_config(cfg.model)
     config.use_cache = True  # training turns it off; generation wants it
     config.dtype = dtype
     return config
@@ -100,8 +97,11 @@ def export_hf(
     verify: bool = True,
 ) -> Path:
     """Write checkpoint ``checkpoint`` (a step dir, or a checkpoints/ root meaning its newest
-    good one) as a Hugging Face Llama directory ``out``. Single process, CPU only."""
-    from transformers import GenerationConfig, LlamaForCausalLM
+    good one) as a Hugging Face directory ``out`` of the run's model class. Single process,
+    CPU only."""
+    from transformers import GenerationConfig
+
+    from train.model import causal_lm_class
 
     root, tag = resolve_checkpoint(checkpoint)
     d = root / tag
@@ -116,7 +116,7 @@ def export_hf(
     sd = consolidated_state_dict(root, tag, cfg.engine.zero_stage)
     config = hf_config(cfg, torch_dtype)
     with torch.device("meta"):  # no random init of a model we overwrite anyway
-        model = LlamaForCausalLM(config)
+        model = causal_lm_class(config)(config)
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

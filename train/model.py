@@ -1,5 +1,6 @@
-"""Build the Llama model: from a shape config (tiny tests, demo) or from a local Hugging Face
-directory (the normal continual pre-training start).
+"""Build the model: a Llama from a shape config (tiny tests, demo), or the transformers class of
+a local Hugging Face directory's ``model_type`` (the normal continual pre-training start: Llama
+2/3, Mistral, Qwen2; see ``train.config.MODEL_FAMILIES``), loaded strictly.
 
 The model never imports distributed code: the backend passes ``init_context`` (DeepSpeed's
 ``zero.Init`` under ZeRO-3) so a 7B model is partitioned as it is created and never
@@ -11,14 +12,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedModel
 
-from train.config import LoraConfig, ModelConfig
+from train.config import MODEL_FAMILIES, LoraConfig, ModelConfig, model_family_problem
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -50,6 +55,22 @@ def llama_config(cfg: ModelConfig) -> LlamaConfig:
     )
 
 
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The transformers config of the model: ``init_from``'s config.json (of a supported
+    ``model_type``, else ValueError), or a Llama of the shape fields."""
+    if not cfg.init_from:
+        return llama_config(cfg)
+    problem = model_family_problem(cfg.init_from)
+    if problem:  # config validation reports it first; this guards direct callers
+        raise ValueError(problem)
+    return AutoConfig.from_pretrained(cfg.init_from)
+
+
+def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
+    """The transformers causal-LM class of ``config.model_type`` (LlamaForCausalLM, ...)."""
+    return getattr(transformers, MODEL_FAMILIES[config.model_type])
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -58,9 +79,12 @@ def build_model(
     init_context: ContextManager | None = None,
     lora: LoraConfig | None = None,
     empty: bool = False,
-) -> LlamaForCausalLM:
+) -> PreTrainedModel:
     """Create the model on every rank identically (same seed), inside ``init_context``; with
     ``lora.enabled``, inject LoRA adapters and freeze everything else.
+
+    From ``init_from``: the class of its ``model_type``, and every weight of the directory
+    must fit it (:func:`check_weights`, raised before anything is loaded, on every rank alike).
 
     ``empty``: only the skeleton (of ``init_from``'s config or of the shape), its parameters
     on the meta device, neither initialised nor loaded; the backend materialises each rank's
@@ -68,14 +92,22 @@ def build_model(
     are computed, not loaded (the rotary frequencies), are real."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)
+    config = hf_config(cfg)
+    cls = causal_lm_class(config)
     if empty:
         if lora is not None and lora.enabled:
             raise ValueError("build_model(empty=True) does not support LoRA adapters")
-        config = LlamaConfig.from_pretrained(cfg.init_from) if cfg.init_from else llama_config(cfg)
         with torch.device("meta"):
-            model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+            model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
+        if cfg.init_from:
+            check_weights(cfg.init_from, model)
         _real_rotary_buffers(model)
     else:
+        if cfg.init_from:
+            # A meta skeleton built outside ``init_context`` and outside transformers' own
+            # ZeRO-3 construction (``cls(config)`` never enters it): costs nothing.
+            with torch.device("meta"):
+                check_weights(cfg.init_from, cls(config))
         with init_context or contextlib.nullcontext():
             # Both constructors below honour a sharded-construction context that transformers
             # recognises (DeepSpeed ZeRO-3's, see DeepSpeedBackend.init_context): they
@@ -83,13 +115,25 @@ def build_model(
             # loading on them, which a bare ``deepspeed.zero.Init`` around
             # ``LlamaForCausalLM(cfg)`` does not.
             if cfg.init_from:
-                model = LlamaForCausalLM.from_pretrained(
-                    cfg.init_from, dtype=dtype, attn_implementation=attn
+                model, info = cls.from_pretrained(
+                    cfg.init_from,
+                    config=config,
+                    dtype=dtype,
+                    attn_implementation=attn,
+                    output_loading_info=True,
                 )
+                # check_weights already compared names and shapes; this also catches what
+                # only transformers' loader sees (conversion errors). Under ZeRO-3 it reports
+                # missing keys on every rank and load errors on rank 0 only: check_weights has
+                # ruled both out on every rank by then, so no rank raises alone.
+                problems = {k: v for k, v in info.items() if v}
+                if problems:
+                    raise ValueError(
+                        f"model.init_from: loading {cfg.init_from!r} into {cls.__name__} "
+                        f"reported {problems}; the directory does not fit its config.json."
+                    )
             else:
-                model = LlamaForCausalLM._from_config(
-                    llama_config(cfg), dtype=dtype, attn_implementation=attn
-                )
+                model = cls._from_config(config, dtype=dtype, attn_implementation=attn)
     # from_pretrained returns a model in eval mode; training (and MIGU's statistics, which
     # are only collected in training mode) needs train mode.
     model.train()
@@ -134,7 +178,7 @@ def _checkpointed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     )
 
 
-def compile_blocks(model: LlamaForCausalLM, *, checkpoint: bool) -> None:
+def compile_blocks(model: PreTrainedModel, *, checkpoint: bool) -> None:
     """``torch.compile`` every decoder block's ``forward`` (not ``__call__``): module-level hooks,
     such as FSDP2's all-gather, stay outside the compiled code, and the state-dict keys are
     unchanged. The hooks of the linears inside a block (MIGU's) are traced into its graph.
@@ -149,7 +193,7 @@ def compile_blocks(model: LlamaForCausalLM, *, checkpoint: bool) -> None:
         block.forward = functools.partial(_checkpointed, compiled) if checkpoint else compiled
 
 
-def _real_rotary_buffers(model: LlamaForCausalLM) -> None:
+def _real_rotary_buffers(model: PreTrainedModel) -> None:
     """Rebuild (on CPU) the modules whose buffers were created on the meta device: the rotary
     embeddings, whose frequencies are computed from the config."""
     for name, module in list(model.named_modules()):
@@ -160,7 +204,83 @@ def _real_rotary_buffers(model: LlamaForCausalLM) -> None:
             setattr(model.get_submodule(parent_name), attr, type(module)(config=model.config))
 
 
-def add_lora(model: LlamaForCausalLM, cfg: LoraConfig, *, seed: int) -> None:
+# Weight files of a Hugging Face directory, in the order transformers looks for them (other
+# *.safetensors files, e.g. Mistral's consolidated.safetensors, are not the model's).
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Stored by older conversions but computed from the config (transformers ignores them too).
+COMPUTED_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The files holding the model's weights in Hugging Face directory ``path``."""
+    d = Path(path)
+    for index in WEIGHT_INDEXES:
+        if (d / index).is_file():
+            weight_map = json.loads((d / index).read_text())["weight_map"]
+            return [d / f for f in sorted(set(weight_map.values()))]
+    for name in WEIGHT_FILES:
+        if (d / name).is_file():
+            return [d / name]
+    raise ValueError(
+        f"model.init_from: {str(path)!r} holds none of {[*WEIGHT_INDEXES, *WEIGHT_FILES]}; "
+        "point it to a complete Hugging Face model directory."
+    )
+
+
+def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in ``path``'s weight files, read without loading them
+    (safetensors headers; .bin files mapped to the meta device)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(path):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():  # noqa: SIM118 - a safetensors handle is no dict
+                    shapes[k] = tuple(h.get_slice(k).get_shape())
+        else:
+            sd = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+    return shapes
+
+
+def check_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Raise ValueError unless the weights stored in ``path`` are exactly ``model``'s: none
+    missing (a tied ``lm_head.weight`` may be), none extra, every shape equal.
+
+    transformers only warns about missing weights (it initialises them randomly) and extra
+    ones (it drops them, e.g. Qwen2's q/k/v biases loaded into a Llama); under ZeRO-3 it does
+    not even look for extra ones, and FSDP2's sharded loader ignores them. Comparing names and
+    shapes from the file headers covers every path alike, and every rank raises the same."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    stored = {k: v for k, v in stored_shapes(path).items() if not COMPUTED_BUFFERS.search(k)}
+    missing = sorted(set(expected) - set(stored) - tied)
+    extra = sorted(set(stored) - set(expected))
+    shapes = sorted(
+        f"{k}: stored {stored[k]}, model {expected[k]}"
+        for k in set(stored) & set(expected)
+        if stored[k] != expected[k]
+    )
+    if missing or extra or shapes:
+
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:8]) + (f" (+{len(xs) - 8} more)" if len(xs) > 8 else "")
+
+        found = [f"missing: {few(missing)}" if missing else "",
+                 f"not in the model: {few(extra)}" if extra else "",
+                 f"shape mismatches: {few(shapes)}" if shapes else ""]  # fmt: skip
+        raise ValueError(
+            f"model.init_from: the weights in {str(path)!r} do not fit the "
+            f"{type(model).__name__} its config.json describes; "
+            + "; ".join(x for x in found if x)
+            + ". Loading it would not reproduce the saved model: fix the directory or its "
+            "config.json."
+        )
+
+
+def add_lora(model: PreTrainedModel, cfg: LoraConfig, *, seed: int) -> None:
     """Inject peft LoRA adapters in place (module names gain ``.base_layer``/``.lora_A.default``/
     ``.lora_B.default``) and freeze every non-adapter parameter.
 

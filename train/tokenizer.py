@@ -7,7 +7,8 @@ A Hugging Face tokenizer directory without ``tokenizer.model`` (only ``tokenizer
 served by the ``tokenizers`` library instead.
 
 Text is data: ``encode`` never adds BOS/EOS and never turns a literal ``</s>`` inside a
-document into the EOS id; the data pipeline adds the special ids itself.
+document into the EOS id; the data pipeline adds the special ids itself. EOS is required;
+BOS is not: Qwen2's tokenizer has none (``bos_token: null``), and ``bos_id`` is then None.
 """
 
 from __future__ import annotations
@@ -58,8 +59,12 @@ class Tokenizer:
         if sp_model_proto is not None:
             self._sp = spm.SentencePieceProcessor()
             self._sp.LoadFromSerializedProto(sp_model_proto)
-            self.bos_id = self._sp.bos_id()
+            self.bos_id: int | None = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
             self.eos_id = self._sp.eos_id()
+            if self.eos_id < 0:
+                raise ValueError(
+                    "the SentencePiece model has no EOS id; the data pipeline needs one"
+                )
             self.vocab_size = self._sp.vocab_size()
         elif hf_tokenizer_json is not None:
             from tokenizers import Tokenizer as HFTokenizer
@@ -67,7 +72,9 @@ class Tokenizer:
             self._hf = HFTokenizer.from_str(hf_tokenizer_json)
             # Special-token strings inside a document are text, not control tokens.
             self._hf.encode_special_tokens = True
-            self.bos_id = self._special_id("bos_token")
+            # bos_token null or absent (Qwen2): no BOS; documents are separated by EOS alone.
+            has_bos = self._hf_config.get("bos_token") is not None
+            self.bos_id = self._special_id("bos_token") if has_bos else None
             self.eos_id = self._special_id("eos_token")
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         else:
@@ -80,8 +87,8 @@ class Tokenizer:
         tid = self._hf.token_to_id(token) if token else None
         if tid is None:
             raise ValueError(
-                f"tokenizer_config.json has no usable {key} ({token!r}); the data pipeline "
-                "needs BOS and EOS ids"
+                f"tokenizer_config.json's {key} ({token!r}) is missing or not in "
+                "tokenizer.json's vocabulary; fix tokenizer_config.json"
             )
         return tid
 

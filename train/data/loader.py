@@ -28,6 +28,7 @@ import torch
 from train.config import DataConfig
 from train.data.mixture import PhasePlan, plan_phases, step_domains
 from train.data.sources import BadInputLog, DocumentReader, Position
+from train.data.stream import document_affixes
 from train.data.workers import Chunk, InlineExecutor, ProcessExecutor, StreamSpec
 from train.tokenizer import Tokenizer
 
@@ -97,6 +98,7 @@ class CPTDataLoader:
             files[d] = expand_globs(cfg.domains[d].train)
             if not files[d]:
                 raise ValueError(f"domain {d!r}: its train globs match no file")
+        document_affixes(tokenizer, cfg.add_bos, cfg.add_eos)  # its error here, not in a worker
         self._spec = StreamSpec(
             files=files,
             text_fields={d: cfg.domains[d].text_field for d in self._domains},
@@ -280,8 +282,7 @@ class CPTDataLoader:
             return []
         bad = BadInputLog()
         reader = DocumentReader(domain, files, dom.text_field, Position(0, 0, 0), bad, wrap=False)
-        pre = [self.tokenizer.bos_id] if self.cfg.add_bos else []
-        suf = [self.tokenizer.eos_id] if self.cfg.add_eos else []
+        pre, suf = document_affixes(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos)
         ids: list[int] = []
         while len(ids) < num_tokens and not reader.exhausted:
             docs = reader.read(64)

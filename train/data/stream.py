@@ -1,7 +1,8 @@
 """One domain's stream of packed sequences: read -> tokenise -> BOS/EOS -> cut into seq_len.
 
-Documents are concatenated (``[BOS] doc [EOS]``) into one token stream that is cut into
-sequences of exactly ``seq_len`` tokens: no padding, documents run across sequence ends.
+Documents are concatenated (``[BOS] doc [EOS]``; ``doc [EOS]`` with a tokenizer that has no
+BOS, e.g. Qwen2's) into one token stream that is cut into sequences of exactly ``seq_len``
+tokens: no padding, documents run across sequence ends.
 
 The packing buffer is checkpointed as a pointer, not as tokens: the position of the document
 in progress plus how many of its tokens were already emitted. Tokenisation is deterministic,
@@ -23,6 +24,20 @@ from train.tokenizer import Tokenizer
 # Documents tokenised per encode_batch call (or fewer once this many characters are read).
 _CHUNK_DOCS = 64
 _CHUNK_CHARS = 1 << 18
+
+
+def document_affixes(
+    tokenizer: Tokenizer, add_bos: bool, add_eos: bool
+) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) each document: BOS if asked for and the tokenizer has one, EOS
+    if asked for. A tokenizer without BOS needs EOS, else documents would run together."""
+    if tokenizer.bos_id is None and not add_eos:
+        raise ValueError(
+            "data.add_eos: false, but the tokenizer has no BOS token (bos_token null), so "
+            "nothing would separate documents; set data.add_eos: true."
+        )
+    prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    return prefix, [tokenizer.eos_id] if add_eos else []
 
 
 def initial_state() -> dict[str, Any]:
@@ -59,8 +74,7 @@ class PackedStream:
         self.files = files
         self.tokenizer = tokenizer
         self.seq_len = seq_len
-        self.prefix = [tokenizer.bos_id] if add_bos else []
-        self.suffix = [tokenizer.eos_id] if add_eos else []
+        self.prefix, self.suffix = document_affixes(tokenizer, add_bos, add_eos)
         self.position_ids = position_ids
         self.bad = BadInputLog(state["bad"])
         start = Position(state["file_index"], state["offset"], state["epoch"])
