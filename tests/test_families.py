@@ -305,7 +305,7 @@ def test_qwen2_run_with_bosless_tokenizer_exports_qwen2_with_same_logits(family_
     out = tmp_path / "run"
     phases = "[{name: general, domains: {literature: 1.0}, steps: 2}]"
     run_cpt(out, *ENGINES["deepspeed"], f"model.init_from={qwen}", f"data.tokenizer={qwen}",
-            "model.vocab_size=320", "train.max_steps=2", "train.seq_len=32",
+            "model.vocab_size=320", "train.max_steps=2", "train.seq_len=64",
             "train.micro_batch_size=2",
             f"data.phases={phases}", "eval.at_phase_end=true", "eval.heldout_tokens=128",
             "eval.tasks=[{name: arc_easy, path: data/tasks/arc_easy.jsonl, limit: 4}]",
