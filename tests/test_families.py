@@ -209,6 +209,25 @@ def test_strict_loading_names_the_offending_weight(broken_dirs, case, empty):
     assert f"{kind[case]}: " in str(e.value) and weight in str(e.value), str(e.value)
 
 
+def test_sharded_directory_loads_and_other_safetensors_are_not_the_model(family_dirs, tmp_path):
+    """A sharded checkpoint (index + several files, as 7B models are stored) loads strictly,
+    and a stray safetensors file next to it (Mistral ships its own consolidated.safetensors)
+    is not taken for the model's weights."""
+    src = family_dirs["mistral"]
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_file(
+        {"layers.0.attention.wq.weight": torch.zeros(2)}, tmp_path / "consolidated.safetensors"
+    )
+    for empty in (False, True):
+        model = build_model(ModelConfig(init_from=str(tmp_path)), seed=0, empty=empty)
+        assert type(model).__name__ == "MistralForCausalLM"
+    model = build_model(ModelConfig(init_from=str(tmp_path)), seed=0)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 @pytest.fixture(scope="module")
 def unsupported(family_dirs, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("unsupported")

@@ -46,6 +46,16 @@ MODEL_FAMILIES: dict[str, str] = {
 }
 
 
+# A Hugging Face directory's weight files, in the order transformers looks for them (other
+# *.safetensors files, e.g. Mistral's consolidated.safetensors, are not the model's).
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
 def model_family_problem(init_from: str) -> str | None:
     """Why ``init_from``'s config.json cannot be trained faithfully (None: it can)."""
     path = Path(init_from, "config.json")
@@ -587,10 +597,10 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         family = model_family_problem(m.init_from)
         if family:
             p.append(family)
-        if not any(Path(m.init_from).glob(g) for g in ("*.safetensors", "pytorch_model*.bin")):
+        if not any(Path(m.init_from, f).is_file() for f in HF_WEIGHT_FILES):
             p.append(
-                f"model.init_from: {m.init_from!r} holds no weights (*.safetensors or "
-                "pytorch_model*.bin); point it to a complete Hugging Face model directory."
+                f"model.init_from: {m.init_from!r} holds none of {list(HF_WEIGHT_FILES)}; "
+                "point it to a complete Hugging Face model directory."
             )
     for k in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
         positive(f"train.{k}", getattr(t, k))

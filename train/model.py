@@ -23,7 +23,13 @@ import torch
 import transformers
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig, PreTrainedModel
 
-from train.config import MODEL_FAMILIES, LoraConfig, ModelConfig, model_family_problem
+from train.config import (
+    HF_WEIGHT_FILES,
+    MODEL_FAMILIES,
+    LoraConfig,
+    ModelConfig,
+    model_family_problem,
+)
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -204,10 +210,6 @@ def _real_rotary_buffers(model: PreTrainedModel) -> None:
             setattr(model.get_submodule(parent_name), attr, type(module)(config=model.config))
 
 
-# Weight files of a Hugging Face directory, in the order transformers looks for them (other
-# *.safetensors files, e.g. Mistral's consolidated.safetensors, are not the model's).
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Stored by older conversions but computed from the config (transformers ignores them too).
 COMPUTED_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 
@@ -215,16 +217,16 @@ COMPUTED_BUFFERS = re.compile(r"rotary_emb\.inv_freq$")
 def weight_files(path: str | Path) -> list[Path]:
     """The files holding the model's weights in Hugging Face directory ``path``."""
     d = Path(path)
-    for index in WEIGHT_INDEXES:
-        if (d / index).is_file():
-            weight_map = json.loads((d / index).read_text())["weight_map"]
+    for name in HF_WEIGHT_FILES:
+        if not (d / name).is_file():
+            continue
+        if name.endswith(".index.json"):  # sharded: the index maps each tensor to its file
+            weight_map = json.loads((d / name).read_text())["weight_map"]
             return [d / f for f in sorted(set(weight_map.values()))]
-    for name in WEIGHT_FILES:
-        if (d / name).is_file():
-            return [d / name]
+        return [d / name]
     raise ValueError(
-        f"model.init_from: {str(path)!r} holds none of {[*WEIGHT_INDEXES, *WEIGHT_FILES]}; "
-        "point it to a complete Hugging Face model directory."
+        f"model.init_from: {str(path)!r} holds none of {list(HF_WEIGHT_FILES)}; point it to a "
+        "complete Hugging Face model directory."
     )
 
 
