@@ -27,15 +27,20 @@ WORKER = ROOT / "tests" / "workers" / "migu_worker.py"
 WORLD = 2
 
 
-def run_worker(tmp_path: Path, *overrides: str) -> dict:
-    out = tmp_path / "result.pt"
+def launch_worker(*args: str, timeout: int = 300) -> None:
+    """tests/workers/migu_worker.py on WORLD ranks with ``args``."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={WORLD}", str(WORKER), str(out), *overrides,
+        f"--nproc_per_node={WORLD}", str(WORKER), *args,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def run_worker(tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "result.pt"
+    launch_worker(str(out), *overrides)
     return torch.load(out, weights_only=False)
 
 
