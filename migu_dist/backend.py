@@ -21,7 +21,7 @@ from torch import nn
 from migu_dist.optim import FreezableAdamW
 
 if TYPE_CHECKING:
-    from train.config import Config
+    from train.config import Config, OptimConfig
 
 
 @dataclass
@@ -119,6 +119,23 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, directory: str, tag: str) -> dict[str, Any]:
         """Restore shards, optimizer and schedule; returns the saved ``client_state``."""
+
+    def set_optim_hparams(self, o: OptimConfig) -> None:
+        """After ``load``: make AdamW and the LR schedule use ``o`` instead of the values the
+        checkpoint restored (peak LR, betas, eps, weight decay of the decaying group), and set
+        the current LR from the schedule this run was set up with. With an unchanged config
+        every value is what the checkpoint held, bit for bit (``LambdaLR`` computes
+        ``base_lr * lambda(last_epoch)`` the same way)."""
+        opt, sched = self.optimizer, self.scheduler  # type: ignore[attr-defined]
+        sched.base_lrs = [o.lr] * len(opt.param_groups)
+        for group, fn in zip(opt.param_groups, sched.lr_lambdas, strict=True):
+            group["initial_lr"] = o.lr
+            group["lr"] = o.lr * fn(sched.last_epoch)
+            group["betas"] = (o.beta1, o.beta2)
+            group["eps"] = o.eps
+            if group["weight_decay"]:  # the no-decay group (norms, biases) stays at 0
+                group["weight_decay"] = o.weight_decay
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
 
     @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -21,3 +21,10 @@ def smollm2_dir() -> Path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def reference_runs() -> dict[str, Path]:
+    """Finished reference runs by backend, filled by ``tests/test_checkpoint.py``'s
+    ``reference`` fixture on first use: the modules that compare against it share one run."""
+    return {}

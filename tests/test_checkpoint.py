@@ -198,18 +198,21 @@ def adam_moments(d: Path, backend: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(backend, tmp_path_factory) -> Path:
+def reference(backend, reference_runs, tmp_path_factory) -> Path:
     """Uninterrupted run through ``build_trainer`` + logits of the final sharded model, with
-    a Hugging Face export at every phase end."""
-    out = tmp_path_factory.mktemp(f"ckpt-{backend}") / "ref"
-    rc, log = run(
-        out,
-        backend,
-        ["checkpoint.export_hf_at_phase_end=true"],
-        script="tests/workers/ckpt_train.py",
-    )
-    assert rc == 0, log[-3000:]
-    return out
+    a Hugging Face export at every phase end. One per backend and session (tests/
+    test_resume.py compares against the same run); read it, never write into it."""
+    if backend not in reference_runs:
+        out = tmp_path_factory.mktemp(f"ckpt-{backend}") / "ref"
+        rc, log = run(
+            out,
+            backend,
+            ["checkpoint.export_hf_at_phase_end=true"],
+            script="tests/workers/ckpt_train.py",
+        )
+        assert rc == 0, log[-3000:]
+        reference_runs[backend] = out
+    return reference_runs[backend]
 
 
 # ------------------------------------------------------------------------------ resume

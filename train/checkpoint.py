@@ -8,10 +8,16 @@ Layout of ``<output_dir>/checkpoints/``::
         manifest.json         every file with its size and CRC32; written last
     latest                    "step_00000040", replaced atomically after every rank is done
     pinned                    tags kept forever (phase boundaries)
+    history                   tags in the order they were written (or resumed from)
 
 A checkpoint is complete only once its manifest exists and every file matches it, so a crash
 or a full disk during a save leaves an incomplete directory that load skips (falling back to
 the previous complete one) and the next save replaces.
+
+Rotation goes by recency of writing, not by step: after a resume from an earlier step the
+checkpoints of the abandoned later steps are the oldest, and the checkpoint resumed from
+counts as just written, so the newest checkpoints of the current timeline are never the ones
+deleted.
 """
 
 from __future__ import annotations
@@ -158,7 +164,7 @@ class Checkpointer:
                 if pinned:
                     pins = self.pinned() | {tag}
                     _atomic_write(self.root / "pinned", "\n".join(sorted(pins)) + "\n")
-                _atomic_write(self.root / "latest", tag)
+                self.adopt(tag)
                 self._rotate(keep=tag)
             except OSError as e:  # the checkpoint itself is complete; load finds it anyway
                 print(f"checkpoint {tag}: updating latest/pinned failed: {e}", flush=True)
@@ -200,11 +206,32 @@ class Checkpointer:
         p = self.root / "pinned"
         return set(p.read_text().split()) if p.exists() else set()
 
+    def adopt(self, tag: str) -> None:
+        """Rank 0: make ``tag`` the newest checkpoint (``latest`` and the end of ``history``),
+        after writing it or resuming from it."""
+        history = [t for t in self.history() if t != tag and (self.root / t).is_dir()]
+        _atomic_write(self.root / "history", "".join(f"{t}\n" for t in [*history, tag]))
+        _atomic_write(self.root / "latest", tag)
+
+    def history(self) -> list[str]:
+        """Tags in the order they were written or resumed from, oldest first."""
+        p = self.root / "history"
+        return p.read_text().split() if p.is_file() else []
+
+    def by_recency(self) -> list[str]:
+        """Complete tags, least recently written first (tags missing from ``history``, from
+        runs before it existed, count as oldest, in step order)."""
+        complete = self.complete_tags()
+        written = [t for t in self.history() if t in complete]
+        return [t for t in complete if t not in written] + written
+
     def _rotate(self, keep: str) -> None:
-        """Delete unpinned checkpoints beyond keep_last, and leftovers of failed saves."""
+        """Delete unpinned checkpoints beyond keep_last, least recently written first (never
+        ``keep``, the one just written), and leftovers of failed saves."""
         pins = self.pinned()
-        tags = [t for t in self.complete_tags() if t not in pins]
-        for old in tags[: -self.keep_last]:
+        tags = [t for t in self.by_recency() if t not in pins and t != keep]
+        room = self.keep_last - (keep not in pins)  # an unpinned ``keep`` is one of keep_last
+        for old in tags[: max(0, len(tags) - room)]:
             shutil.rmtree(self.root / old, ignore_errors=True)
         complete = set(self.complete_tags())
         for p in self.root.glob("step_*"):

@@ -385,8 +385,17 @@ class Config:
     output_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, evals.jsonl, cl_report.json, checkpoints/."""
     resume: str = "auto"
-    """auto: resume from output_dir/checkpoints if it holds one; never: start fresh (refuses a
-    non-empty checkpoints dir); or a path to a checkpoint directory."""
+    """auto: resume from output_dir/checkpoints if it holds one (refusing, rather than starting
+    from step 0, when an earlier run there cannot be resumed); never: start fresh, refusing
+    (and touching nothing) if output_dir holds checkpoints or metrics; fresh: start over on
+    purpose, moving an earlier run in output_dir into output_dir/old-<UTC timestamp>/ (use
+    it once, on the command line, not in a config a scheduler requeues); or a path to a
+    checkpoint directory. See README, "Resuming"."""
+    resume_overrides: list[str] = field(default_factory=list)
+    """Config keys (dotted; a section name covers its keys) whose change since the checkpoint
+    a resumed run may take, e.g. [optim.lr, migu.keep_ratio]: optimizer, schedule, MIGU,
+    regularisation and the micro-batch split. Taken changes are applied (the optimizer really
+    uses the new LR) and logged; other such changes are refused at resume."""
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -658,9 +667,28 @@ def validate(cfg: Config, world_size: int) -> list[str]:
             p.append(f"eval.tasks[{i}].fewshot_path: needed (an existing file) for num_fewshot>0.")
     if cfg.checkpoint.keep_last < 1:
         p.append("checkpoint.keep_last: must be >= 1.")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
-        p.append(f"resume: {cfg.resume!r} is neither auto, never, nor a checkpoint directory.")
+    if cfg.resume not in ("auto", "never", "fresh") and not Path(cfg.resume).is_dir():
+        p.append(
+            f"resume: {cfg.resume!r} is neither auto, never, fresh, nor a checkpoint directory."
+        )
+    keys = _dotted_keys(cfg.to_dict())
+    for key in cfg.resume_overrides:
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            p.append(f"resume_overrides: {key!r} is not a config key.{hint}")
     return p
+
+
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every section and field of a config dict as a dotted key ("optim", "optim.lr")."""
+    keys = set()
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        keys.add(key)
+        if isinstance(v, dict):
+            keys |= _dotted_keys(v, key + ".")
+    return keys
 
 
 def _validate_baselines(cfg: Config) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,6 +14,14 @@ from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
 from train.model import build_model, flops_per_token
+from train.resume import (
+    ResumeError,
+    agree,
+    check_changes,
+    claim_output_dir,
+    data_fingerprint,
+    resume_source,
+)
 from train.schedule import lr_lambda
 from train.tokenizer import Tokenizer, load_tokenizer
 from train.tracking import NullTracker, Tracker, print0, truncate_jsonl
@@ -20,11 +29,30 @@ from train.trainer import Trainer
 
 
 def build_trainer(cfg: Config) -> Trainer:
-    """Everything up to ``fit()``, including resuming from a checkpoint when there is one."""
+    """Everything up to ``fit()``, including resuming from a checkpoint when there is one.
+
+    Raises :class:`ResumeError` (on every rank) before writing anything when the run must
+    not start as asked: another job holds ``output_dir``, or an earlier run there cannot be
+    resumed, or the config changed in a way the checkpoint cannot take."""
     backend = build_backend(cfg)
     out = Path(cfg.output_dir)
+    lock = claim_output_dir(cfg, backend.rank)
+    ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
+    source = resume_source(cfg, ckpt)
+    record = {"config": cfg.to_dict(), "data_fingerprint": None}
     if backend.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        record["data_fingerprint"] = data_fingerprint(cfg)
+    if source is not None:
+        changes = None
+        if backend.rank == 0:
+            saved = json.loads((source[0].root / source[1] / "trainer_state.json").read_text())
+            changes = check_changes(saved, cfg, backend.world_size, record["data_fingerprint"])
+        agree(changes.problem(source[0].root / source[1]) if changes else None)
+        if changes is not None:
+            for what, lines in (("safe change", changes.safe), ("override", changes.taken)):
+                for line in lines:
+                    print(f"resume: taking {what} {line}", flush=True)
+    if backend.rank == 0:
         save_config(cfg, out / "config.yaml")
     backend.barrier()
 
@@ -60,16 +88,21 @@ def build_trainer(cfg: Config) -> Trainer:
             is_main=backend.rank == 0,
             max_len=cfg.train.seq_len,
         )
-    ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
     trainer = Trainer(
         cfg, backend, data, migu=migu, regularizer=reg, evaluator=evaluator, checkpointer=ckpt
     )
+    trainer.run_record = record
+    trainer.lock = lock
     if cfg.logging.peak_tflops:
         trainer.flops_per_token = flops_per_token(model, cfg.train.seq_len)
-    source = resume_source(cfg, ckpt)
     if source is not None:
         trainer.restore(*source)
+        # The optimizer's hyper-parameters and LR come from this config, not the checkpoint's
+        # (identical unless the resume took a change of optim.* or of the schedule).
+        backend.set_optim_hparams(cfg.optim)
         if backend.rank == 0:
+            if source[0].root.resolve() == ckpt.root.resolve():
+                ckpt.adopt(source[1])  # resumed from = newest: rotation keeps it
             for log in ("metrics.jsonl", "evals.jsonl"):
                 truncate_jsonl(out / log, trainer.state.step)
         print0(f"Resumed from {source[0].root / source[1]} at step {trainer.state.step}")
@@ -105,30 +138,16 @@ def _phase_cfg(cfg: Config, name: str):
     return next(p for p in cfg.data.phases if p.name == name)
 
 
-def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] | None:
-    """(checkpointer, tag) to resume from, per ``resume: auto | never | <path>``."""
-    if cfg.resume == "never":
-        if ckpt.complete_tags():
-            raise RuntimeError(
-                f"resume=never but {ckpt.root} holds checkpoints; use resume=auto to continue "
-                "the run, or a new output_dir to start over."
-            )
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume).resolve()
-        source = Checkpointer(path.parent, ckpt.backend)
-        problem = source.verify_collective(path)  # the ranks share the checksumming
-        if problem:
-            raise RuntimeError(f"resume={cfg.resume}: checkpoint is damaged ({problem}).")
-        return source, path.name
-    tag = ckpt.find_latest_good()
-    return (ckpt, tag) if tag else None
-
-
 def run(cfg: Config) -> int:
-    trainer = build_trainer(cfg)
+    try:
+        trainer = build_trainer(cfg)
+    except ResumeError as e:
+        print0(f"ERROR: {e}")
+        return 2
     state = trainer.fit()
     trainer.backend.close()
+    if trainer.lock is not None:
+        trainer.lock.release()
     print0(
         f"done: step {state.step}, tokens {state.tokens}, exit={trainer.exit_reason}",
         rank=trainer.backend.rank,

@@ -85,6 +85,10 @@ class Trainer:
         self.flops_per_token = 0.0  # set by the assembly when MFU is wanted
         self._stop_signal: int | None = None
         self.exit_reason = "finished"
+        self.run_record: dict[str, Any] = {}
+        """Saved with every checkpoint: the resolved config and the data fingerprint, against
+        which a resume checks what changed (``train/resume.py``)."""
+        self.lock: Any = None  # the output_dir's RunLock (rank 0), released after fit()
 
     # ------------------------------------------------------------------ the loop
 
@@ -280,7 +284,7 @@ class Trainer:
         final save makes the run exit non-zero. Pinned (phase-end) checkpoints are also
         exported to ``<output_dir>/hf/<phase>`` with checkpoint.export_hf_at_phase_end."""
         self.state.wandb_id = self.tracker.wandb_id or self.state.wandb_id
-        trainer_state = {"train": self.state.__dict__}
+        trainer_state = {"train": self.state.__dict__, **self.run_record}
         rank_state = {
             "rng": rng_state(),
             "data": self.data.state_dict(),

@@ -1,0 +1,488 @@
+"""Guards around resuming a run: one writer per output_dir, never a silent fresh start, and
+what a resumed run may change.
+
+- :class:`RunLock`: an advisory lock file ``<output_dir>/.lock`` (host, pid, start time) that
+  rank 0 takes before anything is written, so that a second job on the same run is refused.
+- :func:`claim_output_dir`: the lock plus the ``resume: never`` / ``resume: fresh`` rules.
+- :func:`resume_source`: which checkpoint to resume from; refuses rather than starting from
+  step 0 when the directory shows earlier work that cannot be resumed.
+- :func:`check_changes`: the resolved config and a cheap data fingerprint are recorded with
+  every checkpoint; at resume each difference is safe, taken only when named in
+  ``resume_overrides``, or refused.
+
+Every decision is made on rank 0 and shared (:func:`agree`), so all ranks stop together with
+the same message.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from train.checkpoint import Checkpointer
+from train.checkpoint import _all_gather_objects as all_gather_objects
+from train.config import Config
+from train.data import plan_phases
+
+LOCK = ".lock"
+HEARTBEAT_S = 30.0
+"""Rank 0 touches the lock this often; a holder on another host whose lock did not move for
+2.5 heartbeats is taken to be gone (a shared filesystem cannot tell us whether a remote pid
+lives)."""
+FINGERPRINT_BLOCK = 1 << 16
+"""Bytes hashed at the head and at the tail of every training file (cheap at TB scale)."""
+
+
+class ResumeError(RuntimeError):
+    """The run cannot start as asked; the message names what was found and the ways on."""
+
+
+def agree(problem: str | None) -> None:
+    """Collective: raise :class:`ResumeError` on every rank if rank 0 found a problem."""
+    first = all_gather_objects(problem)[0]
+    if first:
+        raise ResumeError(first)
+
+
+def ways_on(out: Path) -> str:
+    return (
+        f"Either resume from a checkpoint you choose (resume=<output_dir>/checkpoints/"
+        f"step_XXXXXXXX, e.g. one of an earlier copy), or start over on purpose with "
+        f"resume=fresh, which moves everything now in {out} into {out}/old-<timestamp>/."
+    )
+
+
+# ------------------------------------------------------------------------------ the lock
+
+
+@dataclass
+class RunLock:
+    """``<output_dir>/.lock``: created with O_EXCL, holds ``{"host", "pid", "pid_start",
+    "started"}``, touched every :data:`HEARTBEAT_S` s by a daemon thread, removed on exit.
+
+    A lock whose holder is gone is taken over with a warning: on the same host when the pid
+    no longer runs (or runs a different process); from another host when the lock's mtime
+    did not move for 2.5 heartbeats (we wait that long once, at start-up)."""
+
+    path: Path
+    heartbeat_s: float = HEARTBEAT_S
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _held: bool = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else why not (naming the holder)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = _me()
+        for _ in range(3):  # a takeover raced with another job: look again
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_json(self.path)
+                why = self._stale(holder)
+                if why is None:
+                    return (
+                        f"{self.path.parent} is in use by another job: {_describe(holder)}. "
+                        "Two jobs writing one run would interleave its checkpoints and logs. "
+                        f"Wait for it to end; if you are sure it is gone, delete {self.path}."
+                    )
+                print(
+                    f"WARNING: taking over the stale lock {self.path} ({_describe(holder)}): "
+                    f"{why}.",
+                    flush=True,
+                )
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
+            self._held = True
+            atexit.register(self.release)  # any exit but SIGKILL; that one leaves a stale lock
+            threading.Thread(target=self._beat, daemon=True, name="run-lock").start()
+            return None
+        return f"could not take {self.path}: other jobs keep replacing it."
+
+    def _stale(self, holder: dict[str, Any] | None) -> str | None:
+        """Why the holder is gone, or None if it may still run."""
+        if holder is None:
+            return "the lock file is unreadable (a crash while writing it)"
+        if holder.get("host") == socket.gethostname():
+            pid = int(holder.get("pid", -1))
+            try:
+                if abs(psutil.Process(pid).create_time() - holder.get("pid_start", 0)) < 1:
+                    return None
+                return f"pid {pid} is now a different process"
+            except psutil.NoSuchProcess:
+                return f"pid {pid} no longer runs"
+        wait = 2.5 * self.heartbeat_s
+        print(
+            f"Lock {self.path} is held from another host ({_describe(holder)}); watching its "
+            f"heartbeat for {wait:.0f} s.",
+            flush=True,
+        )
+        before = _mtime(self.path)
+        time.sleep(wait)
+        if before is not None and _mtime(self.path) == before:
+            return f"its heartbeat stopped (not touched for {wait:.0f} s)"
+        return None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            # A filesystem hiccup must not kill training; the next beat retries.
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (idempotent)."""
+        if not self._held:
+            return
+        self._held = False
+        self._stop.set()
+        holder = _read_json(self.path)
+        if holder is not None and (holder.get("host"), holder.get("pid")) == (
+            socket.gethostname(),
+            os.getpid(),
+        ):
+            self.path.unlink(missing_ok=True)
+
+
+def _me() -> dict[str, Any]:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": psutil.Process().create_time(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "job": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "holder unknown"
+    job = f", SLURM job {holder['job']}" if holder.get("job") else ""
+    return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('started')}"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------ output_dir
+
+
+def earlier_work(out: Path) -> list[str]:
+    """What in ``out`` shows an earlier run (checkpoint directories, logged metrics)."""
+    found = []
+    ck = out / "checkpoints"
+    tags = sorted(p.name for p in ck.glob("step_*")) if ck.is_dir() else []
+    if tags:
+        found.append(f"{len(tags)} checkpoint director{'y' if len(tags) == 1 else 'ies'} "
+                     f"({', '.join(tags)})")  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(f"{metrics} ({len(metrics.read_bytes().splitlines())} rows)")
+    return found
+
+
+def claim_output_dir(cfg: Config, rank: int) -> RunLock | None:
+    """Collective. Rank 0 checks ``resume: never`` (touching nothing), takes the lock, and
+    with ``resume: fresh`` moves an earlier run aside. Returns rank 0's lock."""
+    out = Path(cfg.output_dir)
+    lock = None
+    problem = None
+    if rank == 0:
+        found = earlier_work(out)
+        if cfg.resume == "never" and found:
+            problem = (
+                f"resume=never, but {out} holds an earlier run: {'; '.join(found)}. Nothing was "
+                f"touched. Use resume=auto to continue it, or a new output_dir. " + ways_on(out)
+            )
+        else:
+            lock = RunLock(out / LOCK)
+            problem = lock.acquire()
+            if problem is None and cfg.resume == "fresh" and found:
+                aside = _move_aside(out)
+                print(f"resume=fresh: moved the earlier run ({'; '.join(found)}) to {aside}")
+    agree(problem)
+    return lock
+
+
+def _move_aside(out: Path) -> Path:
+    """Every entry of ``out`` but the lock (and earlier ``old-*`` folders) into
+    ``out/old-<UTC timestamp>/``."""
+    aside = out / time.strftime("old-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir()
+    for p in out.iterdir():
+        if p.name != LOCK and not p.name.startswith("old-"):
+            shutil.move(str(p), aside / p.name)
+    return aside
+
+
+def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] | None:
+    """(checkpointer, tag) to resume from per ``resume``, or None to start at step 0.
+
+    Collective. ``auto`` falls back past damaged checkpoints to the newest one that verifies,
+    but refuses (rather than starting over) when ``latest`` names a checkpoint that is not
+    there, when no checkpoint verifies, or when metrics were logged but no checkpoint exists.
+    """
+    out = Path(cfg.output_dir)
+    if cfg.resume in ("never", "fresh"):
+        return None  # claim_output_dir made sure there is no earlier run
+    if cfg.resume != "auto":
+        path = Path(cfg.resume).resolve()
+        source = Checkpointer(path.parent, ckpt.backend)
+        problem = source.verify_collective(path)  # the ranks share the checksumming
+        if problem:
+            raise ResumeError(f"resume={cfg.resume}: checkpoint is damaged ({problem}).")
+        return source, path.name
+    complete = ckpt.complete_tags()
+    pointed = ckpt.latest_tag()
+    problem = None
+    if pointed is not None and pointed not in complete:
+        problem = (
+            f"{ckpt.root}/latest names {pointed}, which is "
+            f"{'incomplete (no manifest)' if (ckpt.root / pointed).is_dir() else 'not there'} "
+            f"(a shared filesystem hiccup, or a node-local disk?). Complete checkpoints: "
+            f"{', '.join(complete) or 'none'}. "
+        )
+    agree(problem)
+    tag = ckpt.find_latest_good()
+    if tag is None:
+        found = earlier_work(out)
+        if found:
+            agree(
+                f"resume=auto, but no checkpoint in {ckpt.root} verifies, while {out} holds an "
+                f"earlier run: {'; '.join(found)}. Starting from step 0 would silently redo "
+                "(and log twice) work already done. " + ways_on(out)
+            )
+    return (ckpt, tag) if tag else None
+
+
+# ------------------------------------------------------------------------------ fingerprint
+
+
+def data_fingerprint(cfg: Config) -> dict[str, list[dict[str, Any]]]:
+    """Per training domain, every file (in reading order) with its size and a hash of its
+    first and last :data:`FINGERPRINT_BLOCK` bytes."""
+    from train.data.loader import expand_globs
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, dom in cfg.data.domains.items():
+        files = []
+        for path in expand_globs(dom.train):
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h = hashlib.blake2b(f.read(FINGERPRINT_BLOCK), digest_size=16)
+                if size > FINGERPRINT_BLOCK:
+                    f.seek(max(FINGERPRINT_BLOCK, size - FINGERPRINT_BLOCK))
+                    h.update(f.read())
+            files.append({"path": path, "size": size, "head_tail": h.hexdigest()})
+        out[name] = files
+    return out
+
+
+# ------------------------------------------------------------------------------ changes
+
+NOT_COMPARED = ("output_dir", "resume", "resume_overrides")
+"""Where and how this job runs, not what the run is (a run directory may move)."""
+SAFE = (
+    "logging", "eval", "checkpoint",
+    "engine.dist_timeout_minutes", "data.num_workers", "model.activation_checkpointing",
+    "model.compile", "model.attn_implementation", "train.nonfinite_loss",
+    "train.max_skipped_steps",
+)  # fmt: skip
+"""Keys that never change what the run computes (or only how fast / how often it reports)."""
+OVERRIDABLE = (
+    "optim", "migu", "regularization", "lora.alpha", "lora.dropout", "engine.precision",
+    "engine.deepspeed_config", "model.init_from", "train.micro_batch_size",
+    "train.grad_accum", "train.global_batch_size", "data.document_position_ids",
+)  # fmt: skip
+"""Keys a resumed run takes only when named in ``resume_overrides`` (the trajectory changes
+from the resumed step on); everything else not SAFE is refused."""
+
+
+@dataclass
+class Changes:
+    """Differences between a checkpoint's recorded run and this config, by class."""
+
+    safe: list[str] = field(default_factory=list)
+    taken: list[str] = field(default_factory=list)
+    need_override: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+    def problem(self, checkpoint: Path) -> str | None:
+        """The refusal message, or None when the resume may go on."""
+        parts = []
+        if self.refused:
+            parts.append(
+                "these changes cannot be taken by a resumed run (they change work already "
+                "done or the shape of what was saved):\n"
+                + "".join(f"    {c}\n" for c in self.refused)
+                + "  Revert them, or start a new run from these weights (python "
+                f"launch/export_hf.py --checkpoint {checkpoint} --out DIR, then "
+                "model.init_from=DIR with a new output_dir or resume=fresh)."
+            )
+        if self.need_override:
+            keys = sorted({c.split(":", 1)[0] for c in self.need_override})
+            parts.append(
+                "these changes alter the training from here on and are taken only when asked "
+                "for:\n"
+                + "".join(f"    {c}\n" for c in self.need_override)
+                + f"  To take them add resume_overrides=[{','.join(keys)}]; or revert them."
+            )
+        if not parts:
+            return None
+        return f"resume from {checkpoint}: the config differs from the run it continues; " + (
+            "\n  ".join(parts)
+        )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def _under(key: str, prefixes: tuple[str, ...] | list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_changes(
+    saved: dict[str, Any], cfg: Config, world: int, fingerprint: dict[str, Any] | None
+) -> Changes:
+    """Classify every difference between a checkpoint's ``trainer_state.json`` (``saved``:
+    its ``config``, ``data_fingerprint`` and ``train`` state) and ``cfg``."""
+    ch = Changes()
+    old_cfg = saved.get("config")
+    if old_cfg is None:  # written before configs were recorded: nothing to compare
+        return ch
+    train = saved["train"]
+    step = train["step"]
+    touched = set(train["finished_phases"]) | {p for p, n in train["tokens_by_phase"].items() if n}
+    consumed = {d for d, n in train["tokens_by_domain"].items() if n}
+    new_cfg = cfg.to_dict()
+    compare_data = fingerprint is not None and saved.get("data_fingerprint") is not None
+    old_phases, new_phases = old_cfg["data"].pop("phases"), new_cfg["data"].pop("phases")
+    old, new = _flat(old_cfg), _flat(new_cfg)
+
+    def add(key: str, what: str) -> None:
+        line = f"{key}: {what}"
+        if _under(key, SAFE) or key.startswith("data.domains.") and key.endswith(".heldout"):
+            ch.safe.append(line)
+        elif _under(key, OVERRIDABLE) or key == "train.max_steps":
+            (ch.taken if _under(key, cfg.resume_overrides) else ch.need_override).append(line)
+        else:
+            ch.refused.append(line)
+
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if a == b or _under(key, NOT_COMPARED):
+            continue
+        what = f"{a!r} -> {b!r}"
+        if key == "train.max_steps" and isinstance(b, int) and b >= a:
+            ch.safe.append(f"{key}: {what} (extended)")
+        elif key == "train.max_steps" and isinstance(b, int) and b <= step:
+            ch.refused.append(f"{key}: {what}, but the checkpoint is at step {step}")
+        elif key.startswith("data.domains.") and key.split(".")[2] not in consumed:
+            ch.safe.append(f"{key}: {what} (domain not read yet)")
+        elif key.startswith("data.domains.") and key.endswith(".train") and compare_data:
+            ch.safe.append(f"{key}: {what} (the files are compared by content below)")
+        else:
+            add(key, what)
+    tr = new_cfg["train"]
+    old_batch = old_cfg["train"]["micro_batch_size"] * old_cfg["train"]["grad_accum"]
+    if tr["micro_batch_size"] * tr["grad_accum"] != old_batch:
+        ch.refused.append(
+            f"train.micro_batch_size x grad_accum: {old_batch} -> "
+            f"{tr['micro_batch_size'] * tr['grad_accum']} sequences per rank (the global batch "
+            f"shape, tied to the data position and the world size {world})"
+        )
+    _check_phases(ch, old_phases, new_phases, touched)
+    _check_phase_position(ch, cfg, world, train)
+    if compare_data:
+        assert fingerprint is not None
+        _check_data(ch, saved["data_fingerprint"], fingerprint, consumed)
+    return ch
+
+
+def _check_phases(ch: Changes, old: list[dict], new: list[dict], touched: set[str]) -> None:
+    """Phases already (partly) trained must stay as they were; later ones may change."""
+    for i, ph in enumerate(old):
+        if ph["name"] not in touched:
+            continue
+        if i >= len(new):
+            ch.refused.append(f"data.phases[{i}] ({ph['name']}): removed, but already trained")
+            continue
+        for k in sorted(ph.keys() | new[i].keys()):
+            if ph.get(k) != new[i].get(k):
+                ch.refused.append(
+                    f"data.phases[{i}].{k}: {ph.get(k)!r} -> {new[i].get(k)!r} (phase "
+                    f"{ph['name']!r} is already trained)"
+                )
+    if len(new) > len(old):
+        ch.safe.append(f"data.phases: {len(new) - len(old)} phase(s) added after the last")
+
+
+def _check_phase_position(ch: Changes, cfg: Config, world: int, train: dict[str, Any]) -> None:
+    """The checkpoint's step must fall in its own phase under the new phase plan."""
+    tokens_per_step = cfg.train.seq_len * cfg.global_batch(world)
+    plans = plan_phases(cfg.data, tokens_per_step, cfg.train.max_steps)
+    i, step = train["phase_index"], train["step"]
+    if step >= cfg.train.max_steps or i >= len(plans):
+        return
+    if not plans[i].start_step <= step < plans[i].end_step:
+        ch.refused.append(
+            f"data.phases: the checkpoint at step {step} is in phase #{i}, which under the "
+            f"new plan runs over steps [{plans[i].start_step}, {plans[i].end_step})"
+        )
+
+
+def _check_data(ch: Changes, old: dict, new: dict, consumed: set[str]) -> None:
+    """Files of domains already read must be the same bytes (they may have moved)."""
+    for domain in sorted(consumed & old.keys()):
+        a, b = old[domain], new.get(domain, [])
+        key = f"data.domains.{domain}.train"
+        if [(f["size"], f["head_tail"]) for f in a] == [(f["size"], f["head_tail"]) for f in b]:
+            moved = [f"{x['path']} -> {y['path']}" for x, y in zip(a, b) if x["path"] != y["path"]]
+            if moved:
+                ch.safe.append(f"{key}: same files at new paths ({'; '.join(moved)})")
+            continue
+        paths_a, paths_b = [f["path"] for f in a], [f["path"] for f in b]
+        if paths_a != paths_b:
+            ch.refused.append(
+                f"{key}: the file list changed under a run that already read this domain "
+                f"({paths_a} -> {paths_b})"
+            )
+            continue
+        for x, y in zip(a, b):
+            if x != y:
+                how = f"size {x['size']} -> {y['size']}" if x["size"] != y["size"] else "content"
+                ch.refused.append(
+                    f"{key}: {x['path']} changed ({how}) under a run that already read it; "
+                    "the saved read position no longer points at the same data"
+                )
