@@ -31,6 +31,7 @@ from tests.launch_util import ENGINES
 from tests.test_checkpoint import (  # noqa: F401 - backend and reference are fixtures
     BASE,
     CONFIG,
+    ROOT,
     assert_same_trajectory,
     backend,
     finish,
@@ -237,14 +238,15 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
-def test_change_classes(reference, tmp_path):
+def test_change_classes(reference, monkeypatch):
     """Reproduction 3 without a launch: each kind of change against the reference's step-6
     checkpoint (phase 'legal', steps 4-8, after 'general')."""
+    monkeypatch.chdir(ROOT)
     saved = saved_state(reference, 6)
     fp = saved["data_fingerprint"]
 
     def classify(*overrides: str) -> dict[str, list[str]]:
-        over = [*BASE, *ENGINES["deepspeed"], *overrides]
+        over = [*BASE, *ENGINES["deepspeed"], "checkpoint.export_hf_at_phase_end=true", *overrides]
         cfg = load_config(CONFIG, over, world_size=2)
         ch = check_changes(saved, cfg, 2, fp)
         return {k: [line.split(":")[0] for line in v] for k, v in vars(ch).items()}
@@ -265,8 +267,9 @@ def test_change_classes(reference, tmp_path):
                    "model.hidden_size=32", "train.max_steps=5")  # fmt: skip
     assert set(got["refused"]) >= {
         "data.phases[0].steps", "train.micro_batch_size x grad_accum", "train.seed",
-        "model.hidden_size", "train.max_steps", "data.phases",
+        "model.hidden_size", "train.max_steps",
     }  # fmt: skip
+    assert got["need_override"] == []
     # Later phases may change or be added; the current one (legal) may not.
     got = classify("data.phases.2.steps=9", "data.phases.3={name: more, domains: {code: 1}}")
     assert got["refused"] == [] and "data.phases" in got["safe"]
@@ -274,12 +277,13 @@ def test_change_classes(reference, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
-def test_data_fingerprint_sees_rewrites_not_moves(reference, tmp_path):
+def test_data_fingerprint_sees_rewrites_not_moves(reference, tmp_path, monkeypatch):
     """Reproduction 4 without a launch: a training file of a domain already read, rewritten
     in place at the same size, is refused; the same bytes at a new path are fine; a domain
     not read yet may change."""
     saved = saved_state(reference, 6)  # read: literature, speeches (general), legal
-    src = Path(CONFIG).parent.parent / "data" / "demo"
+    monkeypatch.chdir(ROOT)  # the config's and the fingerprint's paths are relative to it
+    src = ROOT / "data" / "demo"
     for dom in ("literature", "science"):
         shutil.copytree(src / dom, tmp_path / dom)
     moved = [f"data.domains.{d}.train=[{tmp_path}/{d}/train-*.jsonl]" for d in ("literature",
@@ -294,7 +298,7 @@ def test_data_fingerprint_sees_rewrites_not_moves(reference, tmp_path):
         f.write_bytes(bytes(data))
     ch = check_changes(saved, cfg, 2, data_fingerprint(cfg))
     assert len(ch.refused) == 1, ch.refused
-    assert "data.domains.literature.train" in ch.refused[0] and "(content)" in ch.refused[0]
+    assert "data.domains.literature.train" in ch.refused[0] and "(content;" in ch.refused[0]
 
 
 # ------------------------------------------------------------------------------ launches
@@ -337,7 +341,7 @@ def test_refused_changes_are_all_named_and_nothing_is_written(backend, reference
     earlier phase changed and a training file rewritten under the run (refused), and a safe
     change, in one resume: all reported at once, non-zero exit, nothing written."""
     data = tmp_path / "literature"
-    shutil.copytree(Path(__file__).parents[1] / "data" / "demo" / "literature", data)
+    shutil.copytree(ROOT / "data" / "demo" / "literature", data)
     f = data / "train-00000.jsonl"
     f.write_bytes(f.read_bytes()[:-1] + b" ")  # rewritten in place, same size
     out = tmp_path / "run"
@@ -348,7 +352,7 @@ def test_refused_changes_are_all_named_and_nothing_is_written(backend, reference
     assert rc != 0, log[-3000:]
     assert "optim.lr: 0.003 -> 0.03" in log and "resume_overrides=[optim.lr]" in log
     assert "data.phases[0].steps: 4 -> 5" in log
-    assert f"{f} changed (content)" in log
+    assert f"{f} changed (content; recorded as data/demo/literature/train-00000.jsonl)" in log
     assert "logging.log_every" not in log.split("ERROR:", 1)[1]  # safe: not a problem
     assert sorted(p.name for p in out.iterdir()) == [], "nothing written into output_dir"
 
@@ -396,12 +400,17 @@ def _signal_rank(proc, rank: int, sig: int) -> None:
     w.send_signal(sig)
 
 
-def _wait_for_log(proc, out: Path, text: str, timeout: float = 240) -> None:
+def _wait_for(proc, done, what: str, timeout: float = 240) -> None:
     t0 = time.monotonic()
-    while text not in Path(f"{out}.log").read_text(errors="replace"):
+    while not done():
         if proc.poll() is not None or time.monotonic() - t0 > timeout:
-            pytest.fail(f"run {out} ended or stalled before logging {text!r}")
+            pytest.fail(f"the run ended or stalled before {what}")
         time.sleep(0.05)
+
+
+def _log_has(out: Path, text: str):
+    log = Path(f"{out}.log")
+    return lambda: log.is_file() and text in log.read_text(errors="replace")
 
 
 SAVES = (3, 4, 6, 8, 9, 12)  # every 3 steps and at each phase end (BASE)
@@ -430,14 +439,12 @@ def test_killed_and_restarted_five_times_ends_like_the_uninterrupted_run(
     resumed, stale = 0, False
     for i, event in enumerate(events):
         proc = start(out, backend)
-        if i == 0:
-            wait_for_step(proc, out, 1)
-            rc, log = run(tmp_path / "second", backend, [f"output_dir={out}"])
-            assert rc != 0 and "is in use by another job" in log, log[-3000:]
+        if i == 0:  # a second job on the same output_dir, while the first one holds it
+            _wait_for(proc, (out / LOCK).exists, "taking the lock")
             holder = json.loads((out / LOCK).read_text())
-            assert f"pid {holder['pid']}" in log and holder["host"] in log
+            second = start(tmp_path / "second", backend, [f"output_dir={out}"])
         else:  # rows after the resumed step are from this job only once it says so
-            _wait_for_log(proc, out, "Resumed from")
+            _wait_for(proc, _log_has(out, "Resumed from"), "resuming")
         low = max(resumed, 3)  # the first interruption comes after the first checkpoint
         if event == "kill_rank_in_save":
             wait_for_step(proc, out, rng.choice([s for s in SAVES if low < s <= low + 5]))
@@ -454,6 +461,10 @@ def test_killed_and_restarted_five_times_ends_like_the_uninterrupted_run(
                     w.send_signal(signal.SIGTERM)
         rc, log = finish(proc, out)
         assert (rc == 0) == (event == "sigterm"), log[-3000:]
+        if i == 0:
+            rc, refused = finish(second, tmp_path / "second")
+            assert rc != 0 and "is in use by another job" in refused, refused[-3000:]
+            assert f"pid {holder['pid']}" in refused and holder["host"] in refused
         if stale:
             assert "taking over the stale lock" in log
         stale = event != "sigterm" and rank == 0

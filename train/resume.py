@@ -6,6 +6,7 @@ what a resumed run may change.
 - :func:`claim_output_dir`: the lock plus the ``resume: never`` / ``resume: fresh`` rules.
 - :func:`resume_source`: which checkpoint to resume from; refuses rather than starting from
   step 0 when the directory shows earlier work that cannot be resumed.
+- :func:`prepare_resume`: all of the above, in the order ``build_trainer`` needs.
 - :func:`check_changes`: the resolved config and a cheap data fingerprint are recorded with
   every checkpoint; at resume each difference is safe, taken only when named in
   ``resume_overrides``, or refused.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -34,7 +36,6 @@ import psutil
 from train.checkpoint import Checkpointer
 from train.checkpoint import _all_gather_objects as all_gather_objects
 from train.config import Config
-from train.data import plan_phases
 
 LOCK = ".lock"
 HEARTBEAT_S = 30.0
@@ -265,7 +266,7 @@ def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] |
             f"{ckpt.root}/latest names {pointed}, which is "
             f"{'incomplete (no manifest)' if (ckpt.root / pointed).is_dir() else 'not there'} "
             f"(a shared filesystem hiccup, or a node-local disk?). Complete checkpoints: "
-            f"{', '.join(complete) or 'none'}. "
+            f"{', '.join(complete) or 'none'}. " + ways_on(out)
         )
     agree(problem)
     tag = ckpt.find_latest_good()
@@ -278,6 +279,35 @@ def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] |
                 "(and log twice) work already done. " + ways_on(out)
             )
     return (ckpt, tag) if tag else None
+
+
+def prepare_resume(
+    cfg: Config, ckpt: Checkpointer
+) -> tuple[RunLock | None, tuple[Checkpointer, str] | None, dict[str, Any]]:
+    """Collective, before anything is written: claim ``output_dir``, pick the checkpoint to
+    resume from and check what changed since it was written. Returns rank 0's lock, the
+    source (or None: step 0) and the record every checkpoint of this run keeps (the resolved
+    config and, from rank 0, the data fingerprint). Raises :class:`ResumeError`."""
+    rank = ckpt.rank
+    lock = claim_output_dir(cfg, rank)
+    source = resume_source(cfg, ckpt)
+    record = {
+        "config": cfg.to_dict(),
+        "data_fingerprint": data_fingerprint(cfg) if rank == 0 else None,
+    }
+    if source is not None:
+        changes = None
+        where = source[0].root / source[1]
+        if rank == 0:
+            saved = json.loads((where / "trainer_state.json").read_text())
+            changes = check_changes(saved, cfg, ckpt.world, record["data_fingerprint"])
+        agree(changes.problem(where) if changes else None)
+        for what, lines in (
+            (("safe change", changes.safe), ("override", changes.taken)) if changes else ()
+        ):
+            for line in lines:
+                print(f"resume: taking {what} {line}", flush=True)
+    return lock, source, record
 
 
 # ------------------------------------------------------------------------------ fingerprint
@@ -378,9 +408,9 @@ def check_changes(
     """Classify every difference between a checkpoint's ``trainer_state.json`` (``saved``:
     its ``config``, ``data_fingerprint`` and ``train`` state) and ``cfg``."""
     ch = Changes()
-    old_cfg = saved.get("config")
-    if old_cfg is None:  # written before configs were recorded: nothing to compare
+    if saved.get("config") is None:  # written before configs were recorded: nothing to compare
         return ch
+    old_cfg = copy.deepcopy(saved["config"])
     train = saved["train"]
     step = train["step"]
     touched = set(train["finished_phases"]) | {p for p, n in train["tokens_by_phase"].items() if n}
@@ -399,10 +429,19 @@ def check_changes(
         else:
             ch.refused.append(line)
 
+    tr, old_tr = new_cfg["train"], old_cfg["train"]
+    rows, old_rows = (t["micro_batch_size"] * t["grad_accum"] for t in (tr, old_tr))
+    if rows != old_rows:
+        ch.refused.append(
+            f"train.micro_batch_size x grad_accum: {old_rows} -> {rows} sequences per rank (the "
+            f"batch shape, tied to the data position and the world size {world})"
+        )
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
         if a == b or _under(key, NOT_COMPARED):
             continue
+        if rows != old_rows and key in ("train.micro_batch_size", "train.grad_accum"):
+            continue  # refused above as one change
         what = f"{a!r} -> {b!r}"
         if key == "train.max_steps" and isinstance(b, int) and b >= a:
             ch.safe.append(f"{key}: {what} (extended)")
@@ -414,16 +453,7 @@ def check_changes(
             ch.safe.append(f"{key}: {what} (the files are compared by content below)")
         else:
             add(key, what)
-    tr = new_cfg["train"]
-    old_batch = old_cfg["train"]["micro_batch_size"] * old_cfg["train"]["grad_accum"]
-    if tr["micro_batch_size"] * tr["grad_accum"] != old_batch:
-        ch.refused.append(
-            f"train.micro_batch_size x grad_accum: {old_batch} -> "
-            f"{tr['micro_batch_size'] * tr['grad_accum']} sequences per rank (the global batch "
-            f"shape, tied to the data position and the world size {world})"
-        )
     _check_phases(ch, old_phases, new_phases, touched)
-    _check_phase_position(ch, cfg, world, train)
     if compare_data:
         assert fingerprint is not None
         _check_data(ch, saved["data_fingerprint"], fingerprint, consumed)
@@ -448,41 +478,28 @@ def _check_phases(ch: Changes, old: list[dict], new: list[dict], touched: set[st
         ch.safe.append(f"data.phases: {len(new) - len(old)} phase(s) added after the last")
 
 
-def _check_phase_position(ch: Changes, cfg: Config, world: int, train: dict[str, Any]) -> None:
-    """The checkpoint's step must fall in its own phase under the new phase plan."""
-    tokens_per_step = cfg.train.seq_len * cfg.global_batch(world)
-    plans = plan_phases(cfg.data, tokens_per_step, cfg.train.max_steps)
-    i, step = train["phase_index"], train["step"]
-    if step >= cfg.train.max_steps or i >= len(plans):
-        return
-    if not plans[i].start_step <= step < plans[i].end_step:
-        ch.refused.append(
-            f"data.phases: the checkpoint at step {step} is in phase #{i}, which under the "
-            f"new plan runs over steps [{plans[i].start_step}, {plans[i].end_step})"
-        )
-
-
 def _check_data(ch: Changes, old: dict, new: dict, consumed: set[str]) -> None:
-    """Files of domains already read must be the same bytes (they may have moved)."""
+    """Files of domains already read must hold the same bytes in the same reading order;
+    they may have moved."""
     for domain in sorted(consumed & old.keys()):
         a, b = old[domain], new.get(domain, [])
         key = f"data.domains.{domain}.train"
-        if [(f["size"], f["head_tail"]) for f in a] == [(f["size"], f["head_tail"]) for f in b]:
-            moved = [f"{x['path']} -> {y['path']}" for x, y in zip(a, b) if x["path"] != y["path"]]
-            if moved:
-                ch.safe.append(f"{key}: same files at new paths ({'; '.join(moved)})")
-            continue
-        paths_a, paths_b = [f["path"] for f in a], [f["path"] for f in b]
-        if paths_a != paths_b:
+        if len(a) != len(b):
             ch.refused.append(
-                f"{key}: the file list changed under a run that already read this domain "
-                f"({paths_a} -> {paths_b})"
+                f"{key}: {len(a)} -> {len(b)} files under a run that already read this domain "
+                f"({[f['path'] for f in a]} -> {[f['path'] for f in b]})"
             )
             continue
-        for x, y in zip(a, b):
-            if x != y:
+        moved = []
+        for x, y in zip(a, b, strict=True):
+            if (x["size"], x["head_tail"]) != (y["size"], y["head_tail"]):
                 how = f"size {x['size']} -> {y['size']}" if x["size"] != y["size"] else "content"
                 ch.refused.append(
-                    f"{key}: {x['path']} changed ({how}) under a run that already read it; "
-                    "the saved read position no longer points at the same data"
+                    f"{key}: {y['path']} changed ({how}; recorded as {x['path']}) under a run "
+                    "that already read it: the saved read position no longer points at the "
+                    "same data"
                 )
+            elif x["path"] != y["path"]:
+                moved.append(f"{x['path']} -> {y['path']}")
+        if moved:
+            ch.safe.append(f"{key}: same files at new paths ({'; '.join(moved)})")

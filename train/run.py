@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,14 +13,7 @@ from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
 from train.model import build_model, flops_per_token
-from train.resume import (
-    ResumeError,
-    agree,
-    check_changes,
-    claim_output_dir,
-    data_fingerprint,
-    resume_source,
-)
+from train.resume import ResumeError, prepare_resume
 from train.schedule import lr_lambda
 from train.tokenizer import Tokenizer, load_tokenizer
 from train.tracking import NullTracker, Tracker, print0, truncate_jsonl
@@ -36,22 +28,12 @@ def build_trainer(cfg: Config) -> Trainer:
     resumed, or the config changed in a way the checkpoint cannot take."""
     backend = build_backend(cfg)
     out = Path(cfg.output_dir)
-    lock = claim_output_dir(cfg, backend.rank)
     ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
-    source = resume_source(cfg, ckpt)
-    record = {"config": cfg.to_dict(), "data_fingerprint": None}
-    if backend.rank == 0:
-        record["data_fingerprint"] = data_fingerprint(cfg)
-    if source is not None:
-        changes = None
-        if backend.rank == 0:
-            saved = json.loads((source[0].root / source[1] / "trainer_state.json").read_text())
-            changes = check_changes(saved, cfg, backend.world_size, record["data_fingerprint"])
-        agree(changes.problem(source[0].root / source[1]) if changes else None)
-        if changes is not None:
-            for what, lines in (("safe change", changes.safe), ("override", changes.taken)):
-                for line in lines:
-                    print(f"resume: taking {what} {line}", flush=True)
+    try:
+        lock, source, record = prepare_resume(cfg, ckpt)
+    except ResumeError:
+        backend.close()
+        raise
     if backend.rank == 0:
         save_config(cfg, out / "config.yaml")
     backend.barrier()
