@@ -364,29 +364,25 @@ class Changes:
 
     def problem(self, checkpoint: Path) -> str | None:
         """The refusal message, or None when the resume may go on."""
-        parts = []
+        text = ""
         if self.refused:
-            parts.append(
-                "these changes cannot be taken by a resumed run (they change work already "
-                "done or the shape of what was saved):\n"
+            text += (
+                "\n  Refused (they change work already done, or the shape of what was saved):\n"
                 + "".join(f"    {c}\n" for c in self.refused)
-                + "  Revert them, or start a new run from these weights (python "
+                + "  Revert them, or start a new run from these weights: python "
                 f"launch/export_hf.py --checkpoint {checkpoint} --out DIR, then "
-                "model.init_from=DIR with a new output_dir or resume=fresh)."
+                "model.init_from=DIR with a new output_dir (or resume=fresh)."
             )
         if self.need_override:
             keys = sorted({c.split(":", 1)[0] for c in self.need_override})
-            parts.append(
-                "these changes alter the training from here on and are taken only when asked "
-                "for:\n"
+            text += (
+                "\n  Taken only when asked for (they change the training from here on):\n"
                 + "".join(f"    {c}\n" for c in self.need_override)
                 + f"  To take them add resume_overrides=[{','.join(keys)}]; or revert them."
             )
-        if not parts:
+        if not text:
             return None
-        return f"resume from {checkpoint}: the config differs from the run it continues; " + (
-            "\n  ".join(parts)
-        )
+        return f"resume from {checkpoint}: the config differs from the run it continues." + text
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
