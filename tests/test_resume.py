@@ -237,6 +237,16 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, capsys):
         alive.wait()
 
 
+def test_resume_overrides_must_name_config_keys(monkeypatch):
+    from train.config import ConfigError
+
+    monkeypatch.chdir(ROOT)
+    assert load_config(CONFIG, ["resume_overrides=[optim, migu.keep_ratio]"]).resume_overrides
+    with pytest.raises(ConfigError, match="resume_overrides: 'optim.lrr' is not a config key. "
+                       "Did you mean 'optim.lr'"):  # fmt: skip
+        load_config(CONFIG, ["resume_overrides=[optim.lrr]", "resume=fresh"])
+
+
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
 def test_change_classes(reference, monkeypatch):
     """Reproduction 3 without a launch: each kind of change against the reference's step-6
