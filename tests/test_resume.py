@@ -315,10 +315,13 @@ def test_data_fingerprint_sees_rewrites_not_moves(reference, tmp_path, monkeypat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
 def test_damaged_run_refuses_then_fresh_moves_it_aside(backend, reference, tmp_path):
     """Reproduction 1: every checkpoint damaged (every rank's shard) → the job exits non-zero
     naming what it found and the ways on, and touches nothing; ``resume=fresh`` then moves
-    the run aside and trains from step 0 (the same rows as the reference's first steps)."""
+    the run aside and trains from step 0 (the same rows as the reference's first steps).
+    One backend: what decides is the manifest check, which test_checkpoint.py runs on both
+    (it also passed with FSDP2: 75 s under load)."""
     out = copy_run(reference, tmp_path / "run")
     ck = out / "checkpoints"
     for tag in Checkpointer(ck).complete_tags():
