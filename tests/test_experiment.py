@@ -74,6 +74,24 @@ def test_weight_change_merges_lora():
     assert experiment.weight_change(start, end, lora_scale=0.5) == pytest.approx(math.sqrt(3))
 
 
+def test_every_variant_is_a_valid_config_with_equal_tokens(monkeypatch):
+    """base.yaml + each variant's overrides validates (2 ranks); every variant trains the same
+    steps of the same batch, with weight decay 0; quick mode too."""
+    from train.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    rx = _runner()
+    seen = set()
+    for name, v in rx.VARIANTS.items():
+        for extra in ([], rx.QUICK):
+            cfg = load_config(rx.BASE, [*v.overrides, *extra], world_size=2)
+            steps = [p.steps for p in cfg.data.phases]
+            seen.add((tuple(steps), cfg.global_batch(2), cfg.train.seq_len, bool(extra)))
+            assert cfg.optim.weight_decay == 0.0, name
+            assert [p.name for p in cfg.data.phases] == list(rx.PHASES)
+    assert {s[-1] for s in seen} == {False, True} and len(seen) == 2  # one shape per mode
+
+
 # ------------------------------------------------------------------ the runner end to end
 
 
@@ -133,21 +151,26 @@ def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
     assert "Resumed from" in log2 and log2.count("\n$ ") == 2
 
     # every result file committed on its own (the first one with the shared initial eval)
-    names = [r.name for r in _plan()]
+    rx = _runner()
+    names = [r.name for r in rx.plan(rx.QUICK_VARIANTS, rx.QUICK_SEEDS)]
     assert names == ["plain-s1", "migu_grad-s1", "plain-s2", "migu_grad-s2"]
-    commits = _git(out, "log", "--reverse", "--name-only", "--format=%s").split("\n\n")
-    files = [sorted(c.strip().splitlines()[1:]) for c in commits if c.strip()]
+    commits = _git(out, "log", "--reverse", "--name-only", "--format=@%s").split("@")[1:]
+    files = [sorted(c.split("\n\n", 1)[1].split()) for c in commits]  # subject, blank, files
     assert files == [["initial.json", "plain-s1.json"], *[[f"{n}.json"] for n in names[1:]]]
 
     # aggregation equals a hand computation from the raw evaluations of the result files
     initial = json.loads((out / "initial.json").read_text())["row"]
-    assert initial["phase_index"] == -1 and initial["n"] == {"arc_easy": 8, "sciq": 8}
+    assert initial["phase_index"] == -1 and initial["n"] == {"arc_easy": 8, "piqa": 8}
     agg = json.loads((out / "results.json").read_text())["aggregate"]
     for variant in ("plain", "migu_grad"):
         vals = []
         for seed in (1, 2):
             res = json.loads((out / f"{variant}-s{seed}.json").read_text())
             final = next(r for r in res["evals"] if r["phase"] == "science")
+            after_legal = next(r for r in res["evals"] if r["phase"] == "legal")
+            # eval.tasks_at=start_and_end: tasks at the end only, perplexity at both ends
+            assert after_legal["acc"] == {} and set(final["acc"]) == {"arc_easy", "piqa"}
+            assert set(after_legal["ppl"]) == set(final["ppl"]) == set(initial["ppl"])
             vals.append(sum(math.log(final["ppl"][d] / initial["ppl"][d])
                             for d in ("literature", "speeches")) / 2)  # fmt: skip
             assert set(res["weight_change"]) == {"legal", "science"}
@@ -164,8 +187,9 @@ def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
     assert not (runs / "plain-s1" / "checkpoints").exists()  # cleaned up once recorded
 
 
-def _plan():
+def _runner():
+    """scripts/run_experiments.py as a module (its tables of variants and phases)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import run_experiments
 
-    return run_experiments.plan(run_experiments.QUICK_VARIANTS, run_experiments.QUICK_SEEDS)
+    return run_experiments

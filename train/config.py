@@ -346,6 +346,10 @@ class EvalConfig:
     """Sequences per rank per evaluation forward."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """Downstream tasks."""
+    tasks_at: Literal["every", "start_and_end"] = "every"
+    """every: tasks at every evaluation. start_and_end: only when evaluating the starting
+    model and at the end of the run; the other evaluations are perplexity only (tasks can
+    cost far more than perplexity; scripts/run_experiments.py)."""
 
 
 @dataclass

@@ -246,6 +246,7 @@ class Trainer:
             phase=self.phase.name,
             phase_index=self.phase.index,
             phase_end=phase_end,
+            tasks=self.cfg.eval.tasks_at == "every" or self.state.step == self.max_steps,
         )
         self.tracker.log_eval(row)
 
