@@ -501,8 +501,8 @@ def write_report(args: argparse.Namespace, wall_this_session: float) -> str:
          ("ppl/legal/{}", "legal (phase 1)"), ("ppl/science/{}", "science (phase 2)")],
     )  # fmt: skip
     groups = {"MIGU keep-ratio sweep": [(f"keep {k}", v) for k, v in SWEEP.items()],
-              "plain at its LRs": [(p.removeprefix("plain_").removeprefix("plain") or "lr 5e-4",
-                                    p) for p in PLAIN_LRS],
+              "plain at its LRs": [("LR 1e-4", "plain_lr1e-4"), ("LR matched", "plain_lrmatch"),
+                                   ("LR 5e-4", "plain")],
               "replay": [("replay", "replay")], "random mask": [("random", "migu_random")],
               "MIGU update": [("update", "migu_update")]}  # fmt: skip
     plots.plot_tradeoff(

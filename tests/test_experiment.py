@@ -158,6 +158,13 @@ def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
     files = [sorted(c.split("\n\n", 1)[1].split()) for c in commits]  # subject, blank, files
     assert files == [["initial.json", "plain-s1.json"], *[[f"{n}.json"] for n in names[1:]]]
 
+    # the starting model is evaluated once, by the first run (eval.at_start=false after it)
+    def initial_rows(name: str) -> list[dict]:
+        lines = (runs / name / "evals.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["phase_index"] == -1]
+
+    assert len(initial_rows("plain-s1")) == 1 and not any(map(initial_rows, names[1:]))
+
     # aggregation equals a hand computation from the raw evaluations of the result files
     initial = json.loads((out / "initial.json").read_text())["row"]
     assert initial["phase_index"] == -1 and initial["n"] == {"arc_easy": 8, "piqa": 8}
