@@ -43,6 +43,13 @@ perplexity evaluation (16k tokens, ~26 s) after phase 1 and perplexity + tasks (
 that fit it near the 3 h budget: 512 tokens per step (a 1,024-token batch would cost ~4.2 h:
 the step time, not the token count, sets Adam's step size, and 30 steps at LR 5e-4 forget
 measurably), tasks only at the start and the end (``eval.tasks_at``), two cheap tasks.
+Precision: on this CPU (AMD EPYC with avx512_bf16) bf16 is faster, one process, one thread:
+forward+backward of 512 tokens 2.05 CPU-s against 5.2 in fp32 (2.5x), forward 0.56 against
+1.6 (2.9x). ``--precision bf16`` would therefore bring the estimate to roughly 1.5-2 h (the
+ZeRO-3 and optimizer overhead shrinks less). The default stays fp32: the in-job evaluation is
+cross-checked against lm-evaluation-harness in fp32, and bf16 at every ZeRO stage and with
+every method is still being validated (issue 13). An experiment is one setup: the runner
+refuses to add runs of another model, precision or size to an existing ``--out``.
 
 Resuming. A finished run leaves ``<out>/<run>.json`` (its phase-end evaluations, weight
 changes, seconds, machine) and is never redone; its checkpoints are then deleted. An
@@ -304,6 +311,7 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         f"data.tokenizer={args.tokenizer}",
         f"train.seed={run.seed}",
         f"eval.at_start={str(not initial_path.is_file()).lower()}",
+        f"engine.precision={args.precision}",
         *(QUICK if args.quick else []),
     ]
     t0 = time.perf_counter()
@@ -324,12 +332,7 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"{initial_path} is missing and {run.name} has no initial row.")
         write_json(
             initial_path,
-            {
-                "row": first[-1],
-                "model": str(args.model),
-                "from_run": run.name,
-                "machine": machine(),
-            },
+            {"row": first[-1], **setup(args), "from_run": run.name, "machine": machine()},
         )
     initial = json.loads(initial_path.read_text())["row"]
     dw = weight_changes(run_dir, args.model)
@@ -344,7 +347,7 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         "seed": run.seed,
         "lr": lr,
         "overrides": variant.overrides,
-        "quick": args.quick,
+        **setup(args),
         "summary": experiment.run_summary(initial, ends, PHASES, GENERAL, dw),
         "evals": ends,
         "weight_change": dw,
@@ -357,6 +360,25 @@ def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
         commit(result_path, initial_path)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~1.6 GB per run
     return result
+
+
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """What every result file of one experiment must share."""
+    return {"model": str(args.model), "precision": args.precision, "quick": bool(args.quick)}
+
+
+def check_setup(args: argparse.Namespace) -> None:
+    """Refuse to add runs of another setup (model, precision, --quick) to an experiment."""
+    path = args.out / "initial.json"
+    if not path.is_file():
+        return
+    shared = json.loads(path.read_text())
+    theirs = {k: shared.get(k) for k in setup(args)}
+    if theirs != setup(args):
+        raise SystemExit(
+            f"{args.out} holds an experiment made with {theirs}, this command asks for "
+            f"{setup(args)}: use the same options to continue it, or another --out."
+        )
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -573,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks per run (default %(default)s)")
     ap.add_argument("--model", type=Path, help="starting model dir (default: SmolLM2-135M)")
     ap.add_argument("--tokenizer", type=Path, help="default: the model directory")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="engine.precision of every run (default %(default)s)")  # fmt: skip
     ap.add_argument("--runs", type=Path, help="run directories (default runs/real[-quick])")
     ap.add_argument("--out", type=Path, help="result files and report (default "
                     "docs/experiments/real; --quick: runs/real-quick/results)")  # fmt: skip
@@ -585,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         args.model = (args.model or default_model()).resolve()
         args.tokenizer = (args.tokenizer or args.model).resolve()
+        check_setup(args)
         variants = args.only or (QUICK_VARIANTS if args.quick else list(VARIANTS))
         runs = plan(variants, QUICK_SEEDS if args.quick else len(SEEDS))
         print(f"{len(runs)} runs: {' '.join(r.name for r in runs)}", flush=True)

@@ -188,6 +188,11 @@ def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
         assert agg[variant]["forgetting"]["std"] == pytest.approx(std, rel=1e-9)
         assert agg[variant]["forgetting"]["n"] == 2
     assert vals[0] != vals[1]  # the seeds differ (data order, masks)
+    # runs of another setup are never mixed into this experiment
+    other = subprocess.run([*cmd, "--precision", "bf16"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert other.returncode != 0 and "use the same options to continue it" in other.stderr
+
     md = (out / "results.md").read_text()
     assert "| plain | 2 |" in md and "| migu_grad | 2 |" in md and "spread" in md
     assert (out / "forgetting.png").stat().st_size > 0 and (out / "sweep.png").stat().st_size > 0
