@@ -115,6 +115,7 @@ def _git(repo: Path, *args: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~2 min on 2 idle cores; 10 min seen on a machine loaded 10x
 def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     out.mkdir()
