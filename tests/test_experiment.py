@@ -92,6 +92,17 @@ def test_every_variant_is_a_valid_config_with_equal_tokens(monkeypatch):
     assert {s[-1] for s in seen} == {False, True} and len(seen) == 2  # one shape per mode
 
 
+def test_matched_lr_from_measured_weight_change(tmp_path):
+    """plain_lrmatch's LR = 5e-4 x mean dw of migu_grad / mean dw of plain (seeds finished)."""
+    rx = _runner()
+    with pytest.raises(SystemExit, match="needs a finished migu_grad run"):
+        rx.matched_lr(tmp_path)
+    for name, dw in [("plain-s1", 4.0), ("plain-s2", 6.0), ("migu_grad-s1", 2.0)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"summary": {"dw_total": dw}}))
+    (tmp_path / "plain_lr1e-4-s1.json").write_text(json.dumps({"summary": {"dw_total": 1.0}}))
+    assert rx.matched_lr(tmp_path) == pytest.approx(5e-4 * 2.0 / 5.0)
+
+
 # ------------------------------------------------------------------ the runner end to end
 
 
