@@ -137,11 +137,11 @@ def merged_weights(state: Mapping[str, torch.Tensor], lora_scale: float) -> dict
             continue
         if k.endswith(".base_layer.weight"):
             prefix = k[: -len(".base_layer.weight")]
-            a = state[f"{prefix}.lora_A.default.weight"].float()  # (r, in)
-            b = state[f"{prefix}.lora_B.default.weight"].float()  # (out, r)
-            out[f"{prefix}.weight"] = v.float() + lora_scale * (b @ a)
+            a = state[f"{prefix}.lora_A.default.weight"].detach().float()  # (r, in)
+            b = state[f"{prefix}.lora_B.default.weight"].detach().float()  # (out, r)
+            out[f"{prefix}.weight"] = v.detach().float() + lora_scale * (b @ a)
         else:
-            out[k.replace(".base_layer.", ".")] = v.float()
+            out[k.replace(".base_layer.", ".")] = v.detach().float()
     return out
 
 
