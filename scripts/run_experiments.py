@@ -1,241 +1,628 @@
-"""Run the continual-learning comparison: one shared pre-training, then every method.
+"""The continual-learning experiment on a real pretrained model, with seeds and controls.
 
-    python scripts/run_experiments.py            # full run, writes docs/experiments/ + README
-    python scripts/run_experiments.py --quick    # smoke-sized, writes runs/experiments-quick/
-    python scripts/run_experiments.py --only plain migu_grad --reuse-base
+    python scripts/run_experiments.py                # everything; resumable: rerun to continue
+    python scripts/run_experiments.py --commit       # also git-commit each finished run's file
+    python scripts/run_experiments.py --only plain migu_grad     # some variants only
+    python scripts/run_experiments.py --report       # rebuild the report from the result files
+    python scripts/run_experiments.py --quick        # smoke size: the whole pipeline in minutes
 
-Stage 1 trains configs/experiments/base.yaml (literature + speeches from scratch) and exports
-it as a Hugging Face directory. Stage 2 continually pre-trains that model on legal, then
-science, once per method, configs/experiments/<method>.yaml with model.init_from set to the
-export: the files differ only in their method section (same data, steps, schedule, seed).
-Each run uses ``--nproc`` ranks (torchrun, DeepSpeed ZeRO-3), one after the other.
+What runs. SmolLM2-135M (``scripts/get_model.py smollm2-135m``; its tokenizer) is continually
+pre-trained on legal (phase 1), then science (phase 2), by every variant below:
+``configs/experiments/real/base.yaml`` plus the variant's dotted overrides (``VARIANTS``).
+Every run sees the same training tokens (30 + 30 steps of 2 ranks x 2 x 128 = 512 tokens;
+replay's batches include the replayed share), weight decay 0 (the reference MIGU recipe),
+constant LR 5e-4 after 5 warm-up steps, ZeRO-3 fp32 on 2 ranks (torchrun). Evaluation:
+held-out perplexity of literature and speeches (general: what the model knew, never trained
+on here), legal and science (4,096 tokens each) at each phase end; zero-shot accuracy on
+arc_easy and piqa (all 250 shipped items each) at the end. The starting model is evaluated
+once, by the first run, and shared (``initial.json``).
 
-The report treats the pre-training as phase 0 of one three-phase run (general -> legal ->
-science): the base run's evaluations give the random-init baseline (for FWT) and the row after
-phase 0 (the continual runs' own "initial" row is the same model), so BWT counts forgetting of
-literature and speeches as well as of legal, with the GEM definitions of train/cl_metrics.py.
+Tasks: SmolLM2-135M on all 250 shipped items (in-job scorer, one process, fp32): arc_easy
+acc 0.508 / acc_norm 0.428 (chance 0.25), piqa 0.584 / 0.62 (chance 0.5), sst2 0.508 (chance
+0.5), boolq 0.436 (below chance); sciq 0.76-0.80 on its first 50-100 items (chance 0.25).
+sst2 and boolq are at chance; sciq is above chance but its long contexts cost 2.7x
+arc_easy's (86k tokens for 250 items against 32k; piqa 16k), so arc_easy and piqa it is. The
+2-rank in-job evaluation of the starting model gave the same arc_easy and piqa figures.
+
+Variants (``train.seed`` sets the data order: each new domain's two shards are mixture
+components drawn per row, and the random mask): plain (LR 5e-4), migu_grad / migu_update /
+migu_random (keep 0.3), 3 seeds each; with 1 seed: plain_lr1e-4, plain_lrmatch (its LR =
+5e-4 x the ratio of migu_grad's to plain's measured weight change over the run: Adam's step
+is proportional to the LR, so this plain run moves the weights about as far as MIGU does),
+the keep-ratio sweep migu_keep0.1 / 0.6 / 1.0 (0.3 is migu_grad), replay (legal + 5%
+literature + 5% speeches, then science with 10% replay), l2 (strength 0.1 to each phase's
+start, not tuned), lora and lora_migu (r 8, alpha 16, same LR). 21 runs; all seed-1 runs
+come first, so a partial experiment covers every variant.
+
+Sizing. Measured (one process, one thread, fp32, SmolLM2-135M): forward+backward of 512
+tokens 5.2 CPU-s, forward 1.6 CPU-s; issue 14: 8.5 s per step of 2 ranks x 4 x 128 tokens
+on ZeRO-3, so ~3 s of each step is ZeRO-3 and optimizer overhead that a smaller batch does
+not shrink. Per run: ~40 s start-up, 60 steps x ~5.9 s (2 x 128 per rank) = 350 s, a
+perplexity evaluation (16k tokens, ~26 s) after phase 1 and perplexity + tasks (64k tokens,
+~100 s) at the end, ~50 s of checkpoints (every 10 steps) and weight-change measurement:
+~570 s. 21 runs + the initial evaluation: ~3.3 h on 2 otherwise idle cores. The choices
+that fit it near the 3 h budget: 512 tokens per step (a 1,024-token batch would cost ~4.2 h:
+the step time, not the token count, sets Adam's step size, and 30 steps at LR 5e-4 forget
+measurably), tasks only at the start and the end (``eval.tasks_at``), two cheap tasks.
+Precision: on this CPU (AMD EPYC with avx512_bf16) bf16 is faster, one process, one thread:
+forward+backward of 512 tokens 2.05 CPU-s against 5.2 in fp32 (2.5x), forward 0.56 against
+1.6 (2.9x). ``--precision bf16`` would therefore bring the estimate to roughly 1.5-2 h (the
+ZeRO-3 and optimizer overhead shrinks less). The default stays fp32: the in-job evaluation is
+cross-checked against lm-evaluation-harness in fp32, and bf16 at every ZeRO stage and with
+every method is still being validated (issue 13). An experiment is one setup: the runner
+refuses to add runs of another model, precision or size to an existing ``--out``.
+
+Resuming. A finished run leaves ``<out>/<run>.json`` (its phase-end evaluations, weight
+changes, seconds, machine) and is never redone; its checkpoints are then deleted. An
+interrupted run (SIGTERM/SIGINT to this script is passed on to the workers, which checkpoint
+at the next step boundary) resumes from its latest checkpoint (``resume: auto``, checkpoints
+every 10 steps). ``--commit`` commits each result file as it is written (that file only), so
+the experiment can continue on a fresh machine from the committed files.
+
+Report (``--out``, default ``docs/experiments/real``): ``results.md`` (mean +- std over seeds
+per metric, differences from plain with whether each exceeds the seed spread, see
+``train/experiment.py``), ``results.json``, ``forgetting.png`` (general-domain perplexity over
+the phases, one line per variant, seed bands) and ``sweep.png`` (forgetting against new-domain
+perplexity: the keep-ratio sweep, plain at its LRs, replay); the README's results block.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train import cl_metrics, plots  # noqa: E402
-from train.evaluate import build_report, load_jsonl  # noqa: E402
+from train import experiment, plots  # noqa: E402
+from train.evaluate import load_jsonl  # noqa: E402
 
-EXP = ROOT / "configs" / "experiments"
-METHODS = ["plain", "migu_grad", "migu_update", "migu_random", "replay", "lora", "lora_migu", "l2"]
-PHASES = ["general", "legal", "science"]
-PHASE_DOMAINS = {"general": ["literature", "speeches"], "legal": ["legal"], "science": ["science"]}
-COMMON = ["logging.wandb=false", "logging.progress_bar=false"]
-# --quick: the same pipeline at smoke size (minutes), for checking the machinery only.
-QUICK_BASE = ["train.max_steps=30", "data.phases.0.steps=30", "optim.warmup_steps=3"]
-QUICK_CPT = ["train.max_steps=16", "data.phases.0.steps=8", "data.phases.1.steps=8"]
-QUICK_EVAL = ["eval.heldout_tokens=1024", "eval.tasks.0.limit=20", "eval.tasks.1.limit=20",
-              "eval.tasks.2.limit=20"]  # fmt: skip
+BASE = ROOT / "configs" / "experiments" / "real" / "base.yaml"
+PHASES = {"legal": ["legal"], "science": ["science"]}  # phase -> the new domains it trains
+GENERAL = ["literature", "speeches"]  # what the model knew; never trained on here
+LR = 5e-4  # base.yaml's optim.lr
+SEEDS = (1, 2, 3)
+MIGU = ["migu.enabled=true", "migu.keep_ratio=0.3"]
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+# --quick: the same pipeline at smoke size, to check the machinery only.
+QUICK = [
+    "train.max_steps=4", "data.phases.0.steps=2", "data.phases.1.steps=2",
+    "optim.warmup_steps=1", "checkpoint.every_steps=1", "eval.heldout_tokens=256",
+    "eval.tasks.0.limit=8", "eval.tasks.1.limit=8",
+]  # fmt: skip
+QUICK_VARIANTS, QUICK_SEEDS = ["plain", "migu_grad"], 2
 
 
-def command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
-    script = [str(ROOT / "launch" / "cpt.py"), "--config", str(config.relative_to(ROOT))]
+@dataclass
+class Variant:
+    """One row of the table: base.yaml + these overrides, run with these seeds."""
+
+    what: str
+    overrides: list[str] = field(default_factory=list)
+    seeds: tuple[int, ...] = (1,)
+    lr_match: bool = False
+    """The LR is set from migu_grad's and plain's measured weight change (module doc)."""
+
+
+VARIANTS: dict[str, Variant] = {
+    "plain": Variant("plain CPT, LR 5e-4", [], SEEDS),
+    "migu_grad": Variant("MIGU, gradients masked (reference)", [*MIGU, "migu.mode=grad"], SEEDS),
+    "migu_update": Variant("MIGU, masked rows not updated", [*MIGU, "migu.mode=update"], SEEDS),
+    "migu_random": Variant("random row mask, keep 0.3", [*MIGU, "migu.selection=random"], SEEDS),
+    "plain_lrmatch": Variant("plain at MIGU's weight change", lr_match=True),
+    "plain_lr1e-4": Variant("plain CPT, LR 1e-4", ["optim.lr=1e-4"]),
+    **{
+        f"migu_keep{k}": Variant(f"MIGU grad, keep {k}", [*MIGU, f"migu.keep_ratio={k}"])
+        for k in (0.1, 0.6, 1.0)
+    },
+    "replay": Variant(
+        "replay 10% of earlier domains",
+        [
+            "data.phases.0.domains={legal: 0.45, legal_b: 0.45, literature: 0.05, speeches: 0.05}",
+            "data.phases.1.replay=0.1",
+        ],
+    ),  # fmt: skip
+    "l2": Variant(
+        "L2 to the phase start, 0.1",
+        [
+            "regularization.kind=l2",
+            "regularization.strength=0.1",
+            "regularization.phases=[legal, science]",
+        ],
+    ),  # fmt: skip
+    "lora": Variant("LoRA r 8 (adapters only)", ["lora.enabled=true"]),
+    "lora_migu": Variant("LoRA r 8 + MIGU grad", ["lora.enabled=true", *MIGU]),
+}
+SWEEP = {0.1: "migu_keep0.1", 0.3: "migu_grad", 0.6: "migu_keep0.6", 1.0: "migu_keep1.0"}
+PLAIN_LRS = ["plain_lr1e-4", "plain_lrmatch", "plain"]
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-s{self.seed}"
+
+
+def plan(variants: list[str], max_seeds: int) -> list[Run]:
+    """Every (variant, seed), seed-major: all seed-1 runs first."""
+    return [Run(v, s) for s in SEEDS for v in variants if s in VARIANTS[v].seeds[:max_seeds]]
+
+
+# --------------------------------------------------------------------------------------
+# Running one training run, resumably
+# --------------------------------------------------------------------------------------
+
+
+class Interrupted(SystemExit):
+    pass
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and load average now."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load": [round(x, 2) for x in os.getloadavg()]}
+
+
+def launch(cmd: list[str], log_path: Path) -> int:
+    """Run ``cmd`` (torchrun or python) appending to ``log_path``. SIGTERM/SIGINT to this
+    script goes to the training workers first (they checkpoint at the next step boundary and
+    exit 0; torchrun then exits 0), then raises :class:`Interrupted`."""
+    import psutil
+
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    got: list[int] = []
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        # its own session: a Ctrl-C in the terminal reaches this script only, which passes
+        # it to the workers (a SIGINT to torchrun itself would make it stop them hard)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def forward(signum, frame):
+            got.append(signum)
+            try:
+                parent = psutil.Process(proc.pid)
+                targets = parent.children() or [parent]  # torchrun's workers, or python itself
+            except psutil.NoSuchProcess:
+                return
+            for p in targets:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(signum)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    if got:
+        raise Interrupted(
+            f"interrupted (signal {got[0]}); the run checkpointed: rerun the same command to "
+            "continue where it stopped."
+        )
+    return rc
+
+
+def command(nproc: int, overrides: list[str]) -> list[str]:
+    script = [str(ROOT / "launch" / "cpt.py"), "--config", str(BASE.relative_to(ROOT))]
     if nproc == 1:
         return [sys.executable, *script, *overrides]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     return [*launcher, f"--nproc_per_node={nproc}", *script, *overrides]
 
 
-def train(name: str, nproc: int, config: Path, overrides: list[str], out: Path) -> float:
-    """One run from scratch into ``out``; returns its wall time in seconds."""
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    cmd = command(nproc, config, [f"output_dir={out.relative_to(ROOT)}", *COMMON, *overrides])
-    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+def matched_lr(out: Path) -> float:
+    """5e-4 x (migu_grad's / plain's total weight change), means over the seeds finished."""
+
+    def dw(variant: str) -> float:
+        files = sorted(out.glob(f"{variant}-s*.json"))
+        if not files:
+            raise SystemExit(
+                f"plain_lrmatch needs a finished {variant} run ({out}/{variant}-s1.json) to "
+                f"measure its weight change; run {variant} first (e.g. --only plain migu_grad "
+                "plain_lrmatch)."
+            )
+        vals = [json.loads(f.read_text())["summary"]["dw_total"] for f in files]
+        return sum(vals) / len(vals)
+
+    return LR * dw("migu_grad") / dw("plain")
+
+
+def initial_state(model_dir: Path) -> dict[str, Any]:
+    """The starting model's weights (every *.safetensors file of the directory)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def weight_changes(run_dir: Path, model_dir: Path) -> dict[str, float]:
+    """L2 weight change over each phase, from the pinned phase-end checkpoints."""
+    from train.checkpoint import tag_for
+    from train.config import load_config
+    from train.export import consolidated_state_dict
+
+    cfg = load_config(run_dir / "config.yaml")
+    scale = cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else 0.0
+    prev, step, out = initial_state(model_dir), 0, {}
+    zero_stage = cfg.engine.zero_stage
+    for ph in cfg.data.phases:
+        step += ph.steps or 0
+        end = consolidated_state_dict(run_dir / "checkpoints", tag_for(step), zero_stage)
+        out[ph.name] = experiment.weight_change(prev, end, scale)
+        prev = end
+    return out
+
+
+def finished(run_dir: Path) -> bool:
+    path = run_dir / "evals.jsonl"
+    return path.is_file() and set(PHASES) <= set(experiment.phase_end_rows(load_jsonl(path)))
+
+
+def run_one(run: Run, args: argparse.Namespace) -> dict[str, Any]:
+    """Train ``run`` (or resume it) and write its result file; reuse a finished one."""
+    result_path = args.out / f"{run.name}.json"
+    if result_path.is_file():
+        print(f"[{run.name}] reused {result_path}", flush=True)
+        return json.loads(result_path.read_text())
+    run_dir = args.runs / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    variant = VARIANTS[run.variant]
+    overrides = list(variant.overrides)
+    lr = LR
+    if variant.lr_match:  # fixed at the first attempt, so that a resumed run keeps it
+        lr_file = run_dir / "lr_match.json"
+        if not lr_file.is_file():
+            lr_file.write_text(json.dumps({"lr": matched_lr(args.out)}) + "\n")
+        lr = json.loads(lr_file.read_text())["lr"]
+        overrides.append(f"optim.lr={lr}")
+    for o in overrides:
+        if o.startswith("optim.lr="):
+            lr = float(o.split("=", 1)[1])
+    initial_path = args.out / "initial.json"
+    overrides += [
+        f"output_dir={run_dir}",
+        f"model.init_from={args.model}",
+        f"data.tokenizer={args.tokenizer}",
+        f"train.seed={run.seed}",
+        f"eval.at_start={str(not initial_path.is_file()).lower()}",
+        f"engine.precision={args.precision}",
+        *(QUICK if args.quick else []),
+    ]
     t0 = time.perf_counter()
-    with open(out / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (out / "train.log").read_text()[-3000:]
-        raise SystemExit(
-            f"[{name}] failed (exit {proc.returncode}); end of {out}/train.log:\n{tail}"
+    load_start = machine()["load"]
+    resuming = (run_dir / "checkpoints" / "latest").is_file()
+    print(f"[{run.name}] {'resuming' if resuming else 'training'} in {run_dir}", flush=True)
+    if not finished(run_dir):
+        rc = launch(command(args.nproc, overrides), run_dir / "train.log")
+        if rc != 0 or not finished(run_dir):
+            tail = (run_dir / "train.log").read_text()[-3000:]
+            raise SystemExit(
+                f"[{run.name}] failed (exit {rc}); end of {run_dir}/train.log:\n{tail}"
+            )
+    rows = load_jsonl(run_dir / "evals.jsonl")
+    if not initial_path.is_file():
+        first = [r for r in rows if r["phase_index"] == -1]
+        if not first:
+            raise SystemExit(f"{initial_path} is missing and {run.name} has no initial row.")
+        write_json(
+            initial_path,
+            {"row": first[-1], **setup(args), "from_run": run.name, "machine": machine()},
         )
-    print(f"[{name}] done in {seconds:.0f} s", flush=True)
-    return seconds
-
-
-def combined_report(base: Path, run: Path) -> dict:
-    """The three-phase report: base evaluations (initial, after general) + the run's phase
-    ends, re-indexed as phases 1 and 2."""
-    rows = [r for r in load_jsonl(base / "evals.jsonl") if r["phase_index"] in (-1, 0)]
-    for r in load_jsonl(run / "evals.jsonl"):
-        if r["phase_index"] >= 0 and r.get("phase_end"):
-            rows.append({**r, "phase_index": r["phase_index"] + 1})
-    return build_report(rows, PHASES, PHASE_DOMAINS)
-
-
-def summary(rep: dict) -> dict[str, float | None]:
-    ppl, acc = rep["ppl"], rep.get("acc", {})
-    final = ppl["final"]
-    general = [final.get(d) for d in PHASE_DOMAINS["general"]]
-    return {
-        "avg_ppl": ppl["average"],
-        "bwt": ppl["bwt"],
-        "fwt": ppl["fwt"],
-        "general_ppl": sum(general) / len(general) if all(general) else None,
-        "legal_ppl": final.get("legal"),
-        "science_ppl": final.get("science"),
-        "acc": acc.get("average"),
+    initial = json.loads(initial_path.read_text())["row"]
+    dw = weight_changes(run_dir, args.model)
+    seconds = time.perf_counter() - t0
+    prev = run_dir / "seconds.json"  # earlier, interrupted attempts of this run
+    if prev.is_file():
+        seconds += json.loads(prev.read_text())["seconds"]
+    ends = list(experiment.phase_end_rows(rows).values())
+    result = {
+        "run": run.name,
+        "variant": run.variant,
+        "seed": run.seed,
+        "lr": lr,
+        "overrides": variant.overrides,
+        **setup(args),
+        "summary": experiment.run_summary(initial, ends, PHASES, GENERAL, dw),
+        "evals": ends,
+        "weight_change": dw,
+        "seconds": round(seconds, 1),
+        "machine": {**machine(), "load_start": load_start},
     }
+    write_json(result_path, result)
+    print(f"[{run.name}] done in {seconds:.0f} s -> {result_path}", flush=True)
+    if args.commit:
+        commit(result_path, initial_path)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~1.6 GB per run
+    return result
 
 
-COLUMNS = [
-    ("avg_ppl", "avg ppl ↓", "{:.1f}"),
-    ("bwt", "BWT (nats) ↑", "{:+.3f}"),
-    ("fwt", "FWT (nats) ↑", "{:+.3f}"),
-    ("general_ppl", "lit+speeches ppl ↓", "{:.1f}"),
-    ("legal_ppl", "legal ppl ↓", "{:.1f}"),
-    ("science_ppl", "science ppl ↓", "{:.1f}"),
-    ("acc", "task acc ↑", "{:.3f}"),
-    ("seconds", "wall s", "{:.0f}"),
+def setup(args: argparse.Namespace) -> dict[str, Any]:
+    """What every result file of one experiment must share."""
+    return {"model": str(args.model), "precision": args.precision, "quick": bool(args.quick)}
+
+
+def check_setup(args: argparse.Namespace) -> None:
+    """Refuse to add runs of another setup (model, precision, --quick) to an experiment."""
+    path = args.out / "initial.json"
+    if not path.is_file():
+        return
+    shared = json.loads(path.read_text())
+    theirs = {k: shared.get(k) for k in setup(args)}
+    if theirs != setup(args):
+        raise SystemExit(
+            f"{args.out} holds an experiment made with {theirs}, this command asks for "
+            f"{setup(args)}: use the same options to continue it, or another --out."
+        )
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)  # a crash never leaves half a result file that looks finished
+
+
+def commit(*paths: Path) -> None:
+    """git add + commit exactly these files (nothing else that is staged)."""
+    repo = paths[0].parent
+    rels = [str(p.resolve()) for p in paths]
+    subprocess.run(["git", "add", "--", *rels], cwd=repo, check=True)
+    msg = f"experiment: result of {paths[0].stem}"
+    subprocess.run(["git", "commit", "-q", "-m", msg, "--only", "--", *rels], cwd=repo, check=True)
+
+
+def record_attempt_seconds(run_dir: Path, seconds: float) -> None:
+    path = run_dir / "seconds.json"
+    before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    write_json(path, {"seconds": before + seconds})
+
+
+# --------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------
+
+COLUMNS = [  # (metric, header, format, the cell's sign convention)
+    ("dw_total", "weight change", "{:.2f}"),
+    ("forgetting", "forgetting (nats) ↓", "{:+.3f}"),
+    ("general_ppl/science", "lit+speeches ppl ↓", "{:.1f}"),
+    ("ppl/legal/legal", "legal ppl after legal ↓", "{:.1f}"),
+    ("ppl/legal/science", "legal ppl final ↓", "{:.1f}"),
+    ("ppl/science/science", "science ppl ↓", "{:.1f}"),
+    ("learned_ppl", "new-domain ppl ↓", "{:.1f}"),
+    ("acc_mean", "task acc ↑", "{:.3f}"),
+    ("acc_change", "acc change", "{:+.3f}"),
 ]
+DIFF_METRICS = ["forgetting", "learned_ppl", "general_ppl/science", "acc_mean"]
 
 
-def markdown_table(results: dict[str, dict]) -> str:
-    head = "| method | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
-    for name, res in results.items():
-        cells = [fmt.format(res[k]) if res.get(k) is not None else "-" for k, _, fmt in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def cell(a: dict[str, Any] | None, fmt: str) -> str:
+    if not a:
+        return "-"
+    s = fmt.format(a["mean"])
+    return s + (f" ± {fmt.format(a['std']).lstrip('+')}" if a["std"] is not None else "")
 
 
-def plot_forgetting(path: Path, reports: dict[str, dict]) -> Path:
-    """Per method: mean perplexity of the pre-training domains and of legal at each phase end."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, (title, doms) in zip(
-        axes,
-        [("literature + speeches (pre-training)", ["literature", "speeches"]),
-         ("legal (CPT phase 1)", ["legal"]), ("science (CPT phase 2)", ["science"])],
-    ):  # fmt: skip
-        for name, rep in reports.items():
-            cols = [rep["domains"].index(d) for d in doms]
-            ys = [sum(row[c] for c in cols) / len(cols) for row in rep["ppl"]["matrix"]]
-            ax.plot(PHASES, ys, marker="o", label=name)
-        ax.set_title(title)
-        ax.set_xlabel("after phase")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out perplexity (log)")
-    axes[-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def dominated_by(name: str, agg: dict[str, dict]) -> list[str]:
+    """Plain runs (any LR) with both less forgetting and a lower new-domain perplexity."""
+    me = agg[name]
+    return [
+        p
+        for p in PLAIN_LRS
+        if p in agg and p != name
+        and agg[p]["forgetting"]["mean"] < me["forgetting"]["mean"]
+        and agg[p]["learned_ppl"]["mean"] < me["learned_ppl"]["mean"]
+    ]  # fmt: skip
 
 
-def write_outputs(out_dir: Path, results: dict, reports: dict, meta: dict) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    (out_dir / "results.json").write_text(
-        json.dumps({"meta": meta, "results": results, "reports": reports}, indent=2) + "\n"
+def initial_cells(initial: dict) -> list[str]:
+    """The starting model's value in each column that has one."""
+    ppl, acc = initial["ppl"], list(initial.get("acc", {}).values())
+    values: dict[str, float] = {f"ppl/{d}/{p}": v for d, v in ppl.items() for p in PHASES}
+    values["general_ppl/science"] = experiment.geomean([ppl[d] for d in GENERAL])
+    values["learned_ppl"] = experiment.geomean([ppl[d] for ds in PHASES.values() for d in ds])
+    if acc:
+        values["acc_mean"] = sum(acc) / len(acc)
+    return [fmt.format(values[k]) if k in values else "-" for k, _, fmt in COLUMNS]
+
+
+def tables(results: list[dict], initial: dict, model: str) -> tuple[str, str, dict]:
+    """(main table, differences-from-plain table, aggregate per variant)."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["variant"], []).append(r)
+    order = [v for v in VARIANTS if v in groups]
+    agg = {v: experiment.aggregate([r["summary"] for r in groups[v]]) for v in order}
+    head = "| variant | seeds | LR | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    lines.append(f"| {model} (start) | - | - | " + " | ".join(initial_cells(initial)) + " |")
+    for v in order:
+        lrs = sorted({r["lr"] for r in groups[v]})
+        cells = [cell(agg[v].get(k), fmt) for k, _, fmt in COLUMNS]
+        lines.append(
+            f"| {v} | {len(groups[v])} | {', '.join(f'{x:.2g}' for x in lrs)} | "
+            + " | ".join(cells) + " |"
+        )  # fmt: skip
+    main = "\n".join(lines)
+    ref = agg.get("plain")
+    dh = "| variant | " + " | ".join(f"Δ {m}" for m in DIFF_METRICS) + " | dominated by |"
+    dl = [dh, "|" + "---|" * (len(DIFF_METRICS) + 2)]
+    for v in order:
+        if v == "plain" or ref is None:
+            continue
+        cells = []
+        for m in DIFF_METRICS:
+            if m not in agg[v] or m not in ref:
+                cells.append("-")
+                continue
+            d = agg[v][m]["mean"] - ref[m]["mean"]
+            beyond = experiment.beyond_spread(agg[v][m], ref[m])
+            mark = {True: "beyond spread", False: "within spread", None: "spread unknown"}
+            cells.append(f"{d:+.3g} ({mark[beyond]})")
+        dom = ", ".join(dominated_by(v, agg)) or "-"
+        dl.append(f"| {v} | " + " | ".join(cells) + f" | {dom} |")
+    return main, "\n".join(dl), agg
+
+
+def write_report(args: argparse.Namespace, wall_this_session: float) -> str:
+    """Tables, plots and results.json from every result file in ``args.out``."""
+    files = sorted(args.out.glob("*-s[0-9]*.json"))
+    results = [json.loads(f.read_text()) for f in files]
+    init_path = args.out / "initial.json"
+    if not results or not init_path.is_file():
+        return "no finished run yet"
+    shared = json.loads(init_path.read_text())
+    initial, model = shared["row"], Path(shared["model"]).name
+    main, diff, agg = tables(results, initial, model)
+    total = sum(r["seconds"] for r in results)
+    cpus = sorted({r["machine"]["cpu"] for r in results})
+    cores = sorted({r["machine"]["cores"] for r in results})
+    loads = [x for r in results for x in (r["machine"]["load_start"][0], r["machine"]["load"][0])]
+    planned = len(plan(list(VARIANTS), len(SEEDS)))
+    meta = {
+        "runs_finished": len(results),
+        "runs_planned": planned,
+        "total_seconds": round(total, 1),
+        "this_session_seconds": round(wall_this_session, 1),
+        "machine": {"cpu": cpus, "cores": cores, "load_1min": [min(loads), max(loads)]},
+        "quick": bool(args.quick),
+    }
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    plots.plot_forgetting_bands(
+        args.out / "forgetting.png",
+        {v: [r["summary"] for r in rs] for v, rs in by_variant.items()},
+        ["initial", *PHASES],
+        [("general_ppl/{}", "literature + speeches (what the model knew)"),
+         ("ppl/legal/{}", "legal (phase 1)"), ("ppl/science/{}", "science (phase 2)")],
+    )  # fmt: skip
+    groups = {"MIGU keep-ratio sweep": [(f"keep {k}", v) for k, v in SWEEP.items()],
+              "plain at its LRs": [("LR 1e-4", "plain_lr1e-4"), ("LR matched", "plain_lrmatch"),
+                                   ("LR 5e-4", "plain")],
+              "replay": [("replay", "replay")], "random mask": [("random", "migu_random")],
+              "MIGU update": [("update", "migu_update")]}  # fmt: skip
+    plots.plot_tradeoff(
+        args.out / "sweep.png",
+        {g: [(label, agg[v]) for label, v in pts if v in agg] for g, pts in groups.items()},
+        x="learned_ppl", y="forgetting",
+        xlabel="new-domain perplexity (legal after legal, science after science; geo. mean) ↓",
+        ylabel="forgetting: Δ ln ppl of literature + speeches (nats) ↓",
+    )  # fmt: skip
+    write_json(args.out / "results.json", {"meta": meta, "aggregate": agg})
+    machine_line = (
+        f"{meta['runs_finished']} of {planned} runs finished, {total / 3600:.2f} h of run wall "
+        f"time in total on {', '.join(cpus)} ({', '.join(map(str, cores))} cores; 1-min load "
+        f"average {min(loads):.1f}-{max(loads):.1f} at the runs' starts and ends)"
     )
-    plot_forgetting(out_dir / "forgetting.png", reports)
-    plots.plot_compare(out_dir / "compare.png", reports)
-    full = cl_metrics.format_table(list(reports), cl_metrics.compare_rows(reports))
-    (out_dir / "results.md").write_text(
-        f"# Continual-learning baselines: results\n\n{meta['description']}\n\n"
-        f"Command: `{meta['command']}` ({meta['world']} ranks per run, total wall time "
-        f"{meta['total_seconds'] / 60:.1f} min on {meta['machine']}).\n\n{table}\n\n"
-        "![perplexity per domain group after each phase](forgetting.png)\n\n"
-        "All metrics of every run (`launch/compare.py` format):\n\n```\n" + full + "\n```\n"
+    text = (
+        f"# Continual pre-training of {model}: legal, then science\n\n"
+        + __doc__.split("\n\n")[2].replace("\n", " ")
+        + "\n\n"
+        + f"Command: `python scripts/run_experiments.py{' --quick' if args.quick else ''}`; "
+        + machine_line
+        + ".\n\n"
+        + main
+        + "\n\n"
+        "Differences from plain (mean over seeds; beyond spread = more than twice the standard "
+        "error of the difference, a 1-seed variant borrowing plain's seed spread); "
+        "'dominated by' lists plain LRs that forget less *and* learn the new domains better:"
+        "\n\n" + diff + "\n\n![forgetting](forgetting.png)\n\n![keep-ratio sweep](sweep.png)\n"
     )
-    return table
+    (args.out / "results.md").write_text(text)
+    if not args.quick and args.out.resolve() == (ROOT / "docs/experiments/real").resolve():
+        update_readme(main, machine_line)
+    return main + "\n\n" + diff
 
 
-def update_readme(table: str, meta: dict) -> None:
+def update_readme(table: str, machine_line: str) -> None:
     path = ROOT / "README.md"
     text = path.read_text()
     if README_BEGIN not in text or README_END not in text:
         print(f"README.md has no {README_BEGIN} ... {README_END} block; table not inserted.")
         return
-    block = (
-        f"{README_BEGIN}\n{table}\n\n_{meta['world']} ranks per run, "
-        f"{meta['total_seconds'] / 60:.1f} min in total on {meta['machine']}._\n{README_END}"
+    figures = (
+        "![general-domain perplexity over the phases, per method, with seed bands]"
+        "(docs/experiments/real/forgetting.png)\n![forgetting against new-domain perplexity: "
+        "MIGU keep-ratio sweep, plain at its LRs, replay](docs/experiments/real/sweep.png)"
     )
+    block = f"{README_BEGIN}\n{table}\n\n_{machine_line}._\n\n{figures}\n{README_END}"
     pattern = re.escape(README_BEGIN) + ".*?" + re.escape(README_END)
     path.write_text(re.sub(pattern, lambda _: block, text, flags=re.S))
 
 
+def default_model() -> Path:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "get_model.py"), "smollm2-135m"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke-sized runs (checks the pipeline)")
-    ap.add_argument("--only", nargs="+", choices=METHODS, help="run only these methods")
-    ap.add_argument("--reuse-base", action="store_true", help="keep an existing stage-1 run")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke size: 2+2 steps, tiny evaluations; {QUICK_VARIANTS} x "
+                         f"{QUICK_SEEDS} seeds unless --only")  # fmt: skip
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
+    ap.add_argument("--report", action="store_true", help="only rebuild the report")
+    ap.add_argument("--commit", action="store_true", help="git-commit each finished result file")
     ap.add_argument("--nproc", type=int, default=2, help="ranks per run (default %(default)s)")
+    ap.add_argument("--model", type=Path, help="starting model dir (default: SmolLM2-135M)")
+    ap.add_argument("--tokenizer", type=Path, help="default: the model directory")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="engine.precision of every run (default %(default)s)")  # fmt: skip
+    ap.add_argument("--runs", type=Path, help="run directories (default runs/real[-quick])")
+    ap.add_argument("--out", type=Path, help="result files and report (default "
+                    "docs/experiments/real; --quick: runs/real-quick/results)")  # fmt: skip
     args = ap.parse_args(argv)
-
-    root = ROOT / "runs" / ("experiments-quick" if args.quick else "experiments")
-    out_dir = root / "report" if args.quick else ROOT / "docs" / "experiments"
-    quick_eval = QUICK_EVAL if args.quick else []
-    t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    base = root / "base"
-    base_hf = base / "hf" / "general"
-    if not (args.reuse_base and (base_hf / "config.json").is_file()):
-        over = (QUICK_BASE if args.quick else []) + quick_eval
-        seconds["base"] = train("base", args.nproc, EXP / "base.yaml", over, base)
-        shutil.rmtree(base / "checkpoints", ignore_errors=True)
-    for name in args.only or METHODS:
-        over = [f"model.init_from={base_hf.relative_to(ROOT)}", *(QUICK_CPT if args.quick else [])]
-        seconds[name] = train(
-            name, args.nproc, EXP / f"{name}.yaml", over + quick_eval, root / name
-        )
-        shutil.rmtree(root / name / "checkpoints", ignore_errors=True)
-
-    reports, results = {}, {}
-    for name in METHODS:
-        if (root / name / "evals.jsonl").is_file():
-            reports[name] = combined_report(base, root / name)
-            results[name] = {**summary(reports[name]), "seconds": seconds.get(name)}
-    cmd = "python scripts/run_experiments.py" + (" --quick" if args.quick else "")
-    meta = {
-        "command": cmd,
-        "world": args.nproc,
-        "total_seconds": time.perf_counter() - t_start,
-        "seconds": seconds,
-        "machine": f"{os.cpu_count()} CPU cores",
-        "description": (
-            "A 4-layer Llama (hidden 128, 32k vocabulary) pre-trained on literature + speeches "
-            "(configs/experiments/base.yaml), then continually pre-trained on legal, then "
-            "science, by each method (configs/experiments/<method>.yaml). Perplexity "
-            "on held-out text of the four domains after the last phase; BWT/FWT in nats/token "
-            "of -ln(ppl) over the three phases general -> legal -> science (negative BWT = "
-            "forgetting); task accuracy = mean of arc_easy, sciq, sst2 (zero-shot)."
-        ),
-    }
-    table = write_outputs(out_dir, results, reports, meta)
-    print(table)
-    print(f"wrote {out_dir}; total {meta['total_seconds'] / 60:.1f} min")
-    if not args.quick and not args.only:
-        update_readme(table, meta)
+    t0 = time.perf_counter()
+    quick_root = ROOT / "runs" / "real-quick"
+    args.runs = (args.runs or (quick_root if args.quick else ROOT / "runs" / "real")).resolve()
+    args.out = (args.out or (quick_root / "results" if args.quick else
+                             ROOT / "docs" / "experiments" / "real")).resolve()  # fmt: skip
+    if not args.report:
+        args.model = (args.model or default_model()).resolve()
+        args.tokenizer = (args.tokenizer or args.model).resolve()
+        check_setup(args)
+        variants = args.only or (QUICK_VARIANTS if args.quick else list(VARIANTS))
+        runs = plan(variants, QUICK_SEEDS if args.quick else len(SEEDS))
+        print(f"{len(runs)} runs: {' '.join(r.name for r in runs)}", flush=True)
+        for run in runs:
+            t_run = time.perf_counter()
+            try:
+                run_one(run, args)
+            except Interrupted:
+                record_attempt_seconds(args.runs / run.name, time.perf_counter() - t_run)
+                raise
+    print(write_report(args, time.perf_counter() - t0))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -336,12 +336,20 @@ class EvalConfig:
     """Evaluate every N optimizer steps; 0 only at phase ends."""
     at_phase_end: bool = True
     """Evaluate at every phase boundary (needed for the continual-learning report)."""
+    at_start: bool = True
+    """Evaluate the starting model once before the first step (the baseline of forward
+    transfer). false when that evaluation is shared, e.g. by many runs from one model
+    (scripts/run_experiments.py evaluates SmolLM2 once for all its runs)."""
     heldout_tokens: int = 4096
     """Held-out tokens per domain for perplexity; the same tokens every time."""
     batch_size: int = 4
     """Sequences per rank per evaluation forward."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """Downstream tasks."""
+    tasks_at: Literal["every", "start_and_end"] = "every"
+    """every: tasks at every evaluation. start_and_end: only when evaluating the starting
+    model and at the end of the run; the other evaluations are perplexity only (tasks can
+    cost far more than perplexity; scripts/run_experiments.py)."""
 
 
 @dataclass

@@ -405,9 +405,17 @@ class Evaluator:
         return self.output_dir / "cl_report.json"
 
     def evaluate(
-        self, model: nn.Module, *, step: int, phase: str, phase_index: int, phase_end: bool
+        self,
+        model: nn.Module,
+        *,
+        step: int,
+        phase: str,
+        phase_index: int,
+        phase_end: bool,
+        tasks: bool = True,
     ) -> dict[str, Any]:
         """Evaluate every domain and task; append the row to evals.jsonl (main rank); return it.
+        ``tasks=False`` skips the tasks (the row then has no task entries).
 
         The row: ``{"step", "phase", "phase_index", "phase_end", "ppl": {domain: ppl},
         "acc": {task: acc}, "acc_norm": {task: acc_norm}, "tokens": {domain: predicted tokens},
@@ -432,7 +440,7 @@ class Evaluator:
             r = heldout_perplexity(model, seqs, batch_size=bs, device=self.device)
             row["ppl"][domain] = _finite_or_none(r["ppl"])
             row["tokens"][domain] = r["tokens"]
-        for name, task in self.tasks.items():
+        for name, task in self.tasks.items() if tasks else ():
             lls = loglikelihoods(model, task, batch_size=bs, device=self.device)
             r = accuracy(task, lls)
             row["acc"][name] = _finite_or_none(r["acc"])

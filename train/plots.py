@@ -185,3 +185,68 @@ def plot_compare(path: str | Path, reports: Mapping[str, Mapping[str, Any]]) -> 
         ax.set_title(metric, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_forgetting_bands(
+    path: str | Path,
+    runs: Mapping[str, Sequence[Mapping[str, float]]],
+    phases: Sequence[str],
+    panels: Sequence[tuple[str, str]],
+) -> Path:
+    """One panel per ``(metric template, title)``: the metric ``template.format(phase)`` over
+    ``phases``, one line per variant (mean over its runs), a band of ± one standard
+    deviation where it has several seeds. ``runs[variant]`` are the runs' summaries."""
+    fig = Figure(figsize=(5.2 * len(panels), 4.6))
+    for k, (template, title) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for i, (variant, summaries) in enumerate(runs.items()):
+            ys = np.array([[s[template.format(p)] for p in phases] for s in summaries], float)
+            mean = ys.mean(axis=0)
+            color = f"C{i % 10}"
+            style = "-" if len(summaries) > 1 else ":"
+            ax.plot(phases, mean, style, marker="o", markersize=3, color=color, label=variant)
+            if len(summaries) > 1:
+                sd = ys.std(axis=0, ddof=1)
+                ax.fill_between(phases, mean - sd, mean + sd, color=color, alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("after phase")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("held-out perplexity (log; band: ± 1 std over seeds)")
+    fig.axes[-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_tradeoff(
+    path: str | Path,
+    groups: Mapping[str, Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]]],
+    *,
+    x: str,
+    y: str,
+    xlabel: str,
+    ylabel: str,
+) -> Path:
+    """Points ``(mean of metric x, mean of metric y)`` with ± std error bars, one connected
+    series per group, each point labelled. ``groups[name] = [(label, aggregate), ...]`` with
+    ``aggregate[metric] = {"mean", "std", "n"}`` (train/experiment.py ``aggregate``)."""
+    fig = Figure(figsize=(7.5, 5.5))
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(groups.items()):
+        pts = [(lab, a) for lab, a in points if x in a and y in a]
+        if not pts:
+            continue
+        xs = [a[x]["mean"] for _, a in pts]
+        ys = [a[y]["mean"] for _, a in pts]
+        xerr = [a[x]["std"] or 0.0 for _, a in pts]
+        yerr = [a[y]["std"] or 0.0 for _, a in pts]
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", linestyle="-" if len(pts) > 1
+                    else "none", color=f"C{i % 10}", capsize=3, label=name)  # fmt: skip
+        for (lab, _), xv, yv in zip(pts, xs, ys):
+            ax.annotate(lab, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title("Forgetting against learning (lower left is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

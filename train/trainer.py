@@ -230,7 +230,7 @@ class Trainer:
 
     def maybe_evaluate_initial(self) -> None:
         """Evaluate the starting model once (the baseline for forward transfer)."""
-        if self.evaluator is None or self.state.step != 0:
+        if self.evaluator is None or self.state.step != 0 or not self.cfg.eval.at_start:
             return
         row = self.evaluator.evaluate(
             self.backend.module, step=0, phase="initial", phase_index=-1, phase_end=True
@@ -250,6 +250,7 @@ class Trainer:
             phase=self.phase.name,
             phase_index=self.phase.index,
             phase_end=phase_end,
+            tasks=self.cfg.eval.tasks_at == "every" or self.state.step == self.max_steps,
         )
         self.tracker.log_eval(row)
 
