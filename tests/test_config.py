@@ -102,3 +102,75 @@ def test_cli_reports_config_errors_with_exit_code_2():
     )
     assert proc.returncode == 2
     assert "train.bogus: unknown key" in proc.stderr
+
+
+# The reproductions of issue 15: each passed --dry-run before numeric ranges were declared.
+BAD_NUMBERS = {
+    "logging.log_every=0": "logging.log_every: must be >= 1, got 0.",
+    "checkpoint.every_steps=-3": "checkpoint.every_steps: must be >= 0, got -3.",
+    "eval.heldout_tokens=-5": "eval.heldout_tokens: must be >= 1, got -5.",
+    "optim.lr=.nan": "optim.lr: must be a finite number, got nan.",
+    "optim.grad_clip=-1": "optim.grad_clip: must be >= 0, got -1.0.",
+    "optim.beta2=1.5": "optim.beta2: must be >= 0 and < 1, got 1.5.",
+    "data.phases.0.domains.literature=.inf": (
+        "data.phases[0].domains.literature: must be a finite number, got inf."
+    ),
+    "data.phases.1.steps=0": "data.phases[1].steps: must be >= 1, got 0.",
+    "lora.dropout=1.0": "lora.dropout: must be >= 0 and < 1, got 1.0.",
+    "eval.tasks.0.limit=-1": "eval.tasks[0].limit: must be >= 1, got -1.",
+}
+
+
+def test_dry_run_rejects_every_out_of_range_number_at_once():
+    proc = subprocess.run(
+        [sys.executable, "launch/cpt.py", "--config", "configs/tiny-cpu.yaml", "--dry-run"]
+        + list(BAD_NUMBERS),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stdout
+    assert f"{len(BAD_NUMBERS)} problem(s) in the config" in proc.stderr, proc.stderr
+    for message in BAD_NUMBERS.values():
+        assert message in proc.stderr, f"{message!r} not in:\n{proc.stderr}"
+
+
+def _numeric_fields(tp, key: str):
+    """(key, declared type) of every int/float reachable from ``tp``: fields of nested
+    dataclasses, elements of lists, values of dicts, the inside of Optional."""
+    import dataclasses
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        if args[0] in (int, float):
+            yield key, tp
+            return
+        tp, origin, args = args[0], typing.get_origin(args[0]), typing.get_args(args[0])
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        for f in dataclasses.fields(tp):
+            yield from _numeric_fields(hints[f.name], f"{key}.{f.name}".lstrip("."))
+    elif origin in (list, dict):
+        yield from _numeric_fields(args[-1], f"{key}[]")
+    elif origin is not None and type(None) in args:
+        yield from _numeric_fields(next(a for a in args if a is not type(None)), key)
+    elif tp in (int, float):
+        yield key, tp
+
+
+def test_every_numeric_field_declares_its_range():
+    """A new int/float config field without a Range would pass -1 or NaN silently."""
+    import typing
+
+    from train.config import Range
+
+    fields = dict(_numeric_fields(Config, ""))
+    assert len(fields) > 40 and "optim.beta2" in fields and "data.phases[].domains[]" in fields
+    missing = [
+        k
+        for k, tp in fields.items()
+        if typing.get_origin(tp) is not typing.Annotated
+        or not any(isinstance(m, Range) for m in typing.get_args(tp)[1:])
+    ]
+    assert not missing, f"numeric config fields without a Range: {missing}"

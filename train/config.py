@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -27,6 +28,35 @@ class ConfigError(ValueError):
         super().__init__(
             f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  - {p}" for p in problems)
         )
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts, declared with it (``Annotated[int, Range(ge=1)]``)
+    and checked by :func:`validate`; every float is also checked to be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with ``value``, or None."""
+        bounds = [
+            (self.ge, ">=", value >= self.ge if self.ge is not None else True),
+            (self.gt, ">", value > self.gt if self.gt is not None else True),
+            (self.le, "<=", value <= self.le if self.le is not None else True),
+            (self.lt, "<", value < self.lt if self.lt is not None else True),
+        ]
+        if all(ok for _, _, ok in bounds):
+            return None
+        return "must be " + " and ".join(f"{op} {b:g}" for b, op, _ in bounds if b is not None)
+
+
+PositiveInt = Annotated[int, Range(ge=1)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
 
 
 # --------------------------------------------------------------------------------------
@@ -86,23 +116,23 @@ class ModelConfig:
     directory, one the model does not have, or one of another shape is an error (a tied
     ``lm_head.weight`` may be absent; stored ``rotary_emb.inv_freq`` buffers are ignored, as
     they are computed from the config)."""
-    vocab_size: int = 32000
+    vocab_size: PositiveInt = 32000
     """Vocabulary size; must cover the tokenizer's ids."""
-    hidden_size: int = 64
+    hidden_size: PositiveInt = 64
     """Model width d_model."""
-    intermediate_size: int = 176
+    intermediate_size: PositiveInt = 176
     """Width of the SwiGLU MLP."""
-    num_layers: int = 2
+    num_layers: PositiveInt = 2
     """Number of transformer blocks."""
-    num_heads: int = 4
+    num_heads: PositiveInt = 4
     """Attention heads; must divide hidden_size."""
-    num_kv_heads: int | None = None
+    num_kv_heads: PositiveInt | None = None
     """Key/value heads for grouped-query attention; None means num_heads (multi-head)."""
-    max_position_embeddings: int = 4096
+    max_position_embeddings: PositiveInt = 4096
     """Longest sequence the rotary embedding is set up for."""
-    rope_theta: float = 10000.0
+    rope_theta: PositiveFloat = 10000.0
     """Rotary embedding base."""
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: PositiveFloat = 1e-5
     """RMSNorm epsilon."""
     tie_word_embeddings: bool = False
     """Share the input embedding with the LM head (Llama-2 does not)."""
@@ -118,7 +148,7 @@ class ModelConfig:
     time (about a minute per distinct shape on CPU). Supported with engine.backend fsdp2 and
     DeepSpeed ZeRO 0-2; not with ZeRO-3, whose per-module parameter fetch hooks run inside
     the block."""
-    init_std: float = 0.02
+    init_std: NonNegativeFloat = 0.02
     """Standard deviation of the random initialisation (models built from shape only)."""
 
 
@@ -126,24 +156,24 @@ class ModelConfig:
 class TrainConfig:
     """Batch sizes, step budget and seeding."""
 
-    max_steps: int = 100
+    max_steps: PositiveInt = 100
     """Optimizer steps to run in total (across all phases). Phases with a token budget end
     earlier or later than this; training stops at whichever comes first."""
-    seed: int = 1234
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 1234
     """Seed for model init, data mixture and every rank's RNG."""
-    micro_batch_size: int = 4
+    micro_batch_size: PositiveInt = 4
     """Sequences per rank per forward/backward."""
-    grad_accum: int = 1
+    grad_accum: PositiveInt = 1
     """Micro-batches per optimizer step on each rank."""
-    global_batch_size: int | None = None
+    global_batch_size: PositiveInt | None = None
     """Sequences per optimizer step over all ranks. If set it must equal
     micro_batch_size * grad_accum * world_size; None derives it."""
-    seq_len: int = 128
+    seq_len: PositiveInt = 128
     """Tokens per packed training sequence."""
     nonfinite_loss: Literal["skip", "stop"] = "skip"
     """What to do when the loss is NaN/inf: skip the step (no update) or stop the run with the
     last good checkpoint intact."""
-    max_skipped_steps: int = 10
+    max_skipped_steps: NonNegativeInt = 10
     """With nonfinite_loss: skip, stop after this many consecutive skipped steps."""
 
 
@@ -151,26 +181,26 @@ class TrainConfig:
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     """Final learning rate as a fraction of lr (cosine/linear/wsd)."""
-    weight_decay: float = 0.1
+    weight_decay: NonNegativeFloat = 0.1
     """Decoupled weight decay of AdamW (not applied to norms and biases)."""
-    beta1: float = 0.9
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
     """AdamW beta2."""
-    eps: float = 1e-8
+    eps: PositiveFloat = 1e-8
     """AdamW epsilon."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegativeFloat = 1.0
     """Global gradient-norm clipping threshold; 0 disables clipping."""
-    warmup_steps: int = 10
+    warmup_steps: NonNegativeInt = 10
     """Linear warmup steps from 0 to lr."""
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     """Decay after warmup. wsd: warmup-stable-decay, constant until the last decay_fraction of
     the steps, then linear to min_lr."""
-    decay_fraction: float = 0.2
+    decay_fraction: Annotated[float, Range(gt=0, le=1)] = 0.2
     """wsd only: fraction of the steps spent decaying."""
 
 
@@ -181,14 +211,14 @@ class EngineConfig:
     backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
     """Which backend trains the model: deepspeed (ZeRO, engine.zero_stage) or fsdp2 (PyTorch
     fully_shard per decoder block; engine.zero_stage and engine.deepspeed_config are ignored)."""
-    zero_stage: int = 3
+    zero_stage: Annotated[int, Range(ge=0, le=3)] = 3
     """DeepSpeed ZeRO stage, 0-3. Stage 3 shards parameters, gradients and optimizer state."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     deepspeed_config: str | None = None
     """Path to your own DeepSpeed JSON. Its batch sizes, optimizer and scheduler keys are
     overwritten from this config so that the two never disagree."""
-    dist_timeout_minutes: int = 30
+    dist_timeout_minutes: PositiveInt = 30
     """Timeout of collective operations."""
 
 
@@ -198,7 +228,7 @@ class MiguConfig:
 
     enabled: bool = False
     """Mask gradient rows by output magnitude."""
-    keep_ratio: float = 0.3
+    keep_ratio: Annotated[float, Range(gt=0, le=1)] = 0.3
     """Fraction of output rows of each masked linear layer that keep their gradient
     (reference code: 0.3, i.e. it masks the lowest 70%)."""
     mode: Literal["grad", "update"] = "grad"
@@ -214,7 +244,7 @@ class MiguConfig:
     weight. Add 'lm_head$' to mask the output head too."""
     exclude: list[str] = field(default_factory=list)
     """Regexes of module names never masked, applied after include."""
-    start_step: int = 0
+    start_step: NonNegativeInt = 0
     """Optimizer steps before masking starts (statistics are still not collected before)."""
     phases: list[str] | None = None
     """Names of data phases in which masking is on; None means every phase. The reference
@@ -233,11 +263,11 @@ class LoraConfig:
     enabled: bool = False
     """Wrap the model's target linears with LoRA adapters and freeze every base weight. MIGU
     (when on) then masks the rows of the adapters' A and B matrices."""
-    r: int = 8
+    r: PositiveInt = 8
     """Adapter rank: A is (r, in_features), B is (out_features, r)."""
-    alpha: float = 16.0
+    alpha: PositiveFloat = 16.0
     """Scaling numerator: the adapter output is multiplied by alpha / r."""
-    dropout: float = 0.0
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout on the adapter's input."""
     target_modules: list[str] = field(default_factory=lambda: list(_LLAMA_LINEARS))
     """Module-name suffixes that get an adapter (peft's target_modules); default every linear
@@ -251,7 +281,7 @@ class RegularizationConfig:
     kind: Literal["none", "l2"] = "none"
     """none, or l2: adds strength/2 * ||w - w_phase_start||^2 to the loss, applied as the
     gradient term strength * (w - w_phase_start) on each rank's own shard before the step."""
-    strength: float = 0.0
+    strength: NonNegativeFloat = 0.0
     """Coefficient of the penalty (per element; the gradient term is strength * (w - w0))."""
     phases: list[str] | None = None
     """Names of phases in which the penalty is on; None means every phase but the first (the
@@ -276,13 +306,13 @@ class PhaseConfig:
 
     name: str = ""
     """Phase name, logged with every step."""
-    domains: dict[str, float] = field(default_factory=dict)
+    domains: dict[str, PositiveFloat] = field(default_factory=dict)
     """Domain name -> mixture weight (normalised within the phase)."""
-    tokens: int | None = None
+    tokens: PositiveInt | None = None
     """Token budget of the phase (rounded up to whole steps). Exactly one of tokens/steps."""
-    steps: int | None = None
+    steps: PositiveInt | None = None
     """Step budget of the phase."""
-    replay: float = 0.0
+    replay: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Share of each batch drawn from earlier phases' domains (uniformly over them)."""
     lr_at_start: Literal["continue", "rewarm"] = "continue"
     """continue: one schedule over the whole run. rewarm: warm up and decay again over this
@@ -299,7 +329,7 @@ class DataConfig:
     """Named domains."""
     phases: list[PhaseConfig] = field(default_factory=list)
     """Phases in training order."""
-    num_workers: int = 0
+    num_workers: NonNegativeInt = 0
     """Background tokenisation workers per rank (0: in the training process)."""
     document_position_ids: bool = False
     """Restart position ids at each document inside a packed sequence."""
@@ -310,6 +340,10 @@ class DataConfig:
     add_eos: bool = True
     """Append EOS to each document. With a tokenizer without BOS it is the only document
     separator, so turning it off is refused there."""
+    max_document_bytes: PositiveInt = 64 * 2**20
+    """Longest document (a line of a .jsonl/.txt file, or a record's text) read, in bytes;
+    longer ones are skipped and counted as ``too_long`` in the bad-input report. Bounds the
+    memory a single line without newline can take (a broken or binary file)."""
 
 
 @dataclass
@@ -322,9 +356,9 @@ class TaskConfig:
     """JSONL with {"context": str, "choices": [str], "gold": int} per line."""
     fewshot_path: str | None = None
     """JSONL of the same schema to draw few-shot examples from."""
-    num_fewshot: int = 0
+    num_fewshot: NonNegativeInt = 0
     """Few-shot examples prepended to each context."""
-    limit: int | None = None
+    limit: PositiveInt | None = None
     """Use only the first N examples."""
 
 
@@ -332,7 +366,7 @@ class TaskConfig:
 class EvalConfig:
     """Periodic evaluations inside the job."""
 
-    every_steps: int = 0
+    every_steps: NonNegativeInt = 0
     """Evaluate every N optimizer steps; 0 only at phase ends."""
     at_phase_end: bool = True
     """Evaluate at every phase boundary (needed for the continual-learning report)."""
@@ -340,9 +374,9 @@ class EvalConfig:
     """Evaluate the starting model once before the first step (the baseline of forward
     transfer). false when that evaluation is shared, e.g. by many runs from one model
     (scripts/run_experiments.py evaluates SmolLM2 once for all its runs)."""
-    heldout_tokens: int = 4096
+    heldout_tokens: PositiveInt = 4096
     """Held-out tokens per domain for perplexity; the same tokens every time."""
-    batch_size: int = 4
+    batch_size: PositiveInt = 4
     """Sequences per rank per evaluation forward."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """Downstream tasks."""
@@ -356,11 +390,11 @@ class EvalConfig:
 class CheckpointConfig:
     """Sharded checkpoints and resume."""
 
-    every_steps: int = 0
+    every_steps: NonNegativeInt = 0
     """Save every N optimizer steps; 0 only at phase ends and on exit signals."""
     at_phase_end: bool = True
     """Save at every phase boundary (such checkpoints are pinned: never rotated)."""
-    keep_last: int = 2
+    keep_last: PositiveInt = 2
     """Unpinned checkpoints to keep."""
     export_hf_at_phase_end: bool = False
     """Also write a Hugging Face directory at each phase boundary."""
@@ -376,11 +410,11 @@ class LoggingConfig:
     """wandb project name."""
     wandb_run_name: str | None = None
     """wandb run name; None uses the output directory's name."""
-    log_every: int = 1
+    log_every: PositiveInt = 1
     """Write a metrics row every N steps."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
-    peak_tflops: float = 0.0
+    peak_tflops: NonNegativeFloat = 0.0
     """Peak dense TFLOPS of one accelerator in the training dtype (H100 SXM bf16: 989). When
     > 0, each metrics row carries ``mfu`` (model FLOPs utilisation, PaLM's 6N + 12·L·d·T
     FLOPs per token)."""
@@ -587,16 +621,9 @@ def config_from_dict(data: dict[str, Any], world_size: int = 1) -> Config:
 
 def validate(cfg: Config, world_size: int) -> list[str]:
     """Every semantic problem of an already type-checked config."""
-    p: list[str] = []
-    m, t, o = cfg.model, cfg.train, cfg.optim
-
-    def positive(key: str, value: Any) -> None:
-        if isinstance(value, (int, float)) and value <= 0:
-            p.append(f"{key}: must be > 0, got {value}.")
-
+    p = _check_ranges(cfg, Config, "")
+    m, t = cfg.model, cfg.train
     if m.init_from is None:
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            positive(f"model.{k}", getattr(m, k))
         if m.num_heads > 0 and m.hidden_size % m.num_heads:
             p.append(
                 f"model.hidden_size: {m.hidden_size} is not divisible by model.num_heads="
@@ -619,8 +646,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
                 f"model.init_from: {m.init_from!r} holds none of {list(HF_WEIGHT_FILES)}; "
                 "point it to a complete Hugging Face model directory."
             )
-    for k in ("max_steps", "micro_batch_size", "grad_accum", "seq_len"):
-        positive(f"train.{k}", getattr(t, k))
     if t.seq_len > m.max_position_embeddings and m.init_from is None:
         p.append(
             f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings="
@@ -635,15 +660,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
                 f"({world_size}) = {expect}; set grad_accum so the product matches, or leave "
                 "global_batch_size unset."
             )
-    positive("optim.lr", o.lr)
-    if not 0 <= o.min_lr_ratio <= 1:
-        p.append(f"optim.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}.")
-    if o.warmup_steps < 0:
-        p.append(f"optim.warmup_steps: must be >= 0, got {o.warmup_steps}.")
-    if not 0 < o.decay_fraction <= 1:
-        p.append(f"optim.decay_fraction: must be in (0, 1], got {o.decay_fraction}.")
-    if cfg.engine.zero_stage not in (0, 1, 2, 3):
-        p.append(f"engine.zero_stage: {cfg.engine.zero_stage} is not a ZeRO stage; use 0-3.")
     if cfg.model.compile and cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3:
         p.append(
             "model.compile: not supported with DeepSpeed ZeRO-3 (its parameter-fetch hooks "
@@ -652,8 +668,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
         p.append(f"engine.deepspeed_config: {cfg.engine.deepspeed_config!r} does not exist.")
-    if not 0 < cfg.migu.keep_ratio <= 1:
-        p.append(f"migu.keep_ratio: must be in (0, 1], got {cfg.migu.keep_ratio}.")
     import re
 
     for i, rx in enumerate(cfg.migu.include + cfg.migu.exclude):
@@ -663,9 +677,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
             p.append(f"migu.include/exclude[{i}]: {rx!r} is not a valid regex ({e}).")
     p += _validate_baselines(cfg)
     p += _validate_data(cfg)
-    if cfg.eval.every_steps < 0:
-        p.append("eval.every_steps: must be >= 0 (0 evaluates only at phase ends).")
-    positive("eval.batch_size", cfg.eval.batch_size)
     for i, task in enumerate(cfg.eval.tasks):
         if not task.name:
             p.append(f"eval.tasks[{i}].name: required.")
@@ -673,8 +684,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
             p.append(f"eval.tasks[{i}].path: {task.path!r} does not exist.")
         if task.num_fewshot and not (task.fewshot_path and Path(task.fewshot_path).is_file()):
             p.append(f"eval.tasks[{i}].fewshot_path: needed (an existing file) for num_fewshot>0.")
-    if cfg.checkpoint.keep_last < 1:
-        p.append("checkpoint.keep_last: must be >= 1.")
     if cfg.resume not in ("auto", "never", "fresh") and not Path(cfg.resume).is_dir():
         p.append(
             f"resume: {cfg.resume!r} is neither auto, never, fresh, nor a checkpoint directory."
@@ -699,21 +708,46 @@ def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+def _check_ranges(value: Any, tp: Any, key: str) -> list[str]:
+    """Problems of ``value`` (declared as ``tp``) and everything inside it: a number outside
+    its field's :class:`Range`, or a float that is NaN or infinite."""
+    rng = None
+    if typing.get_origin(tp) is Annotated:
+        tp, *meta = typing.get_args(tp)
+        rng = next((m for m in meta if isinstance(m, Range)), None)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        return [] if value is None else _check_ranges(value, inner, key)
+    if dataclasses.is_dataclass(value):
+        hints = typing.get_type_hints(type(value), include_extras=True)
+        return [
+            q
+            for f in dataclasses.fields(value)
+            for q in _check_ranges(getattr(value, f.name), hints[f.name], _join(key, f.name))
+        ]
+    if origin is list and isinstance(value, list):
+        return [q for i, v in enumerate(value) for q in _check_ranges(v, args[0], f"{key}[{i}]")]
+    if origin is dict and isinstance(value, dict):
+        return [q for k, v in value.items() for q in _check_ranges(v, args[1], f"{key}.{k}")]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{key}: must be a finite number, got {value}."]
+    why = rng.problem(value) if rng is not None else None
+    return [f"{key}: {why}, got {value}."] if why else []
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _validate_baselines(cfg: Config) -> list[str]:
     """LoRA and regularisation sections."""
     p: list[str] = []
     lo, reg = cfg.lora, cfg.regularization
-    if lo.enabled:
-        if lo.r <= 0:
-            p.append(f"lora.r: must be > 0, got {lo.r}.")
-        if lo.alpha <= 0:
-            p.append(f"lora.alpha: must be > 0, got {lo.alpha}.")
-        if not 0 <= lo.dropout < 1:
-            p.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}.")
-        if not lo.target_modules:
-            p.append("lora.target_modules: name at least one module, e.g. [q_proj, v_proj].")
-    if reg.strength < 0:
-        p.append(f"regularization.strength: must be >= 0, got {reg.strength}.")
+    if lo.enabled and not lo.target_modules:
+        p.append("lora.target_modules: name at least one module, e.g. [q_proj, v_proj].")
     if reg.kind != "none" and reg.strength == 0:
         p.append(
             f"regularization.strength: 0 makes kind={reg.kind} a no-op; set a positive "
@@ -756,25 +790,17 @@ def _validate_data(cfg: Config) -> list[str]:
         seen.add(ph.name)
         if not ph.domains:
             p.append(f"{key}.domains: name at least one domain with a weight.")
-        for dn, w in ph.domains.items():
+        for dn in ph.domains:
             if dn not in d.domains:
                 p.append(f"{key}.domains.{dn}: unknown domain; define it under data.domains.")
-            if w is not None and w <= 0:
-                p.append(f"{key}.domains.{dn}: weight must be > 0, got {w}.")
         if (ph.tokens is None) == (ph.steps is None) and i < len(d.phases) - 1:
             p.append(f"{key}: give exactly one of tokens or steps (only the last may omit both).")
-        if (ph.tokens is not None and ph.tokens <= 0) or (ph.steps is not None and ph.steps <= 0):
-            p.append(f"{key}: tokens/steps must be > 0.")
-        if not 0 <= ph.replay < 1:
-            p.append(f"{key}.replay: must be in [0, 1), got {ph.replay}.")
         if ph.replay > 0 and i == 0:
             p.append(f"{key}.replay: the first phase has no earlier domains to replay; set 0.")
     if cfg.migu.phases is not None:
         for name in cfg.migu.phases:
             if name not in seen:
                 p.append(f"migu.phases: {name!r} is not a phase name; known: {sorted(seen)}.")
-    if d.num_workers < 0:
-        p.append("data.num_workers: must be >= 0.")
     return p
 
 
