@@ -384,3 +384,100 @@ def test_domain_without_usable_documents_fails_loudly(
     )
     with make_loader(cfg, tok) as dl, pytest.raises(RuntimeError, match="no usable document"):
         dl.next_batch()
+
+
+# --------------------------------------------------------------------------------------
+# Reader limits (issue 15)
+# --------------------------------------------------------------------------------------
+
+
+def read_all(path: Path, max_bytes: int) -> tuple[list[tuple[str, Position]], dict]:
+    """Every document of ``path`` with its position, and the file's bad-input entry."""
+    bad = BadInputLog()
+    reader = DocumentReader("d", [str(path)], "text", Position(0, 0, 0), bad, False, max_bytes)
+    docs = []
+    while not reader.exhausted:
+        docs += [(text, pos) for text, pos, _ in reader.read(8)]
+    return docs, bad.files.get(str(path), {"counts": {}})
+
+
+def test_overlong_lines_are_skipped_in_linear_time_and_bounded_memory(tmp_path: Path) -> None:
+    """A 128 MB line (a broken or binary file) next to normal ones, and another at the end
+    without a newline: both skipped as too_long with the default limit (64 MB), the documents
+    around them read at their exact byte offsets (a record's size counts its newline), and the
+    reader never holds more than the limit plus a few 1 MB blocks (joining the unfinished line
+    to every block held the whole line, twice, and took quadratic time)."""
+    import tracemalloc
+
+    limit = DataConfig().max_document_bytes
+    assert limit == 64 * 2**20
+    good = [json.dumps({"text": t}).encode() + b"\n" for t in ("first", "second")]
+    big = 128 * 2**20
+    path = tmp_path / "huge.jsonl"
+    with path.open("wb") as f:
+        for chunk in (good[0], b"x" * big, b"\n", good[1], b"y" * (limit + 1)):
+            f.write(chunk)
+    tracemalloc.start()
+    try:
+        docs, entry = read_all(path, limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [text for text, _ in docs] == ["first", "second"]
+    assert [pos.offset for _, pos in docs] == [0, len(good[0]) + big + 1]
+    assert entry["counts"] == {"too_long": 2}
+    assert entry["samples"]["too_long"] == (
+        f"offset {len(good[0])}: {big + 1} bytes > data.max_document_bytes={limit}"
+    )
+    # What a line may hold before it is known to be too long, plus a few blocks.
+    assert peak < limit + 8 * 2**20, f"reader held {peak / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_max_document_bytes_is_exact_in_every_format(tmp_path: Path, fmt: str) -> None:
+    """Lines are measured as read (.jsonl: the whole JSON line), other formats by the text's
+    UTF-8 bytes; a document at the limit is kept, one byte more is skipped."""
+    docs = ["é" * 10, "é" * 10 + "a", "short"]  # 20 and 21 UTF-8 bytes
+    path = write_format(tmp_path / "docs", docs, fmt)
+    limit = 20 if fmt == "parquet" else len(json.dumps({"text": docs[0]}))
+    read, entry = read_all(path, limit)
+    assert [text for text, _ in read] == [docs[0], docs[2]]
+    assert entry["counts"] == {"too_long": 1}
+
+
+def test_epoch_wrap_is_logged_once_and_counted(
+    tmp_path: Path, tok: Tokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A domain read 2.5 times over: one warning per wrap (not per step or rank), and the
+    wrap count per domain (``epoch_by_domain``, what metrics.jsonl rows carry) as it
+    happens; a domain not read yet is absent."""
+    docs = make_docs(4, 6, max_words=30)
+    write_jsonl(tmp_path / "w.jsonl", docs)
+    write_jsonl(tmp_path / "v.jsonl", make_docs(5, 200))
+    cfg = DataConfig(
+        domains={
+            "w": DomainConfig(train=[str(tmp_path / "w.jsonl")]),
+            "v": DomainConfig(train=[str(tmp_path / "v.jsonl")]),
+        },
+        phases=[
+            PhaseConfig(name="p", domains={"w": 1.0}, steps=100),
+            PhaseConfig(name="q", domains={"v": 1.0}),
+        ],
+    )
+    per_epoch = len(stream_of(tok, docs))
+    seq_len, rows = 16, 2
+    steps = 5 * per_epoch // (2 * seq_len * rows)  # 2.5 epochs
+    epochs = []
+    with caplog.at_level(logging.WARNING), make_loader(cfg, tok, seq_len=seq_len) as dl:
+        for _ in range(steps):
+            dl.next_batch()
+            epochs.append(dl.epoch_by_domain())
+    consumed = [(i + 1) * seq_len * rows for i in range(steps)]
+    # The epoch of the document in progress after each step: tokens consumed / epoch size.
+    assert [e["w"] for e in epochs] == [c // per_epoch for c in consumed]
+    assert all(e.keys() == {"w"} for e in epochs)
+    wraps = [
+        r.getMessage() for r in caplog.records if "starts (its documents repeat" in r.getMessage()
+    ]
+    assert len(wraps) == 2 and "epoch 1 starts" in wraps[0] and "epoch 2 starts" in wraps[1]
+    assert wraps[0].startswith("domain 'w': all of its training data has been read by step")

@@ -217,6 +217,7 @@ class Trainer:
             "phase": batch.phase,
             "tokens_by_domain": dict(self.state.tokens_by_domain),
             "tokens_by_phase": dict(self.state.tokens_by_phase),
+            "epoch_by_domain": self.data.epoch_by_domain(),
             **metrics,
         }
         self.tracker.log(row)

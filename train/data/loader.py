@@ -107,6 +107,7 @@ class CPTDataLoader:
             add_bos=cfg.add_bos,
             add_eos=cfg.add_eos,
             position_ids=cfg.document_position_ids,
+            max_document_bytes=cfg.max_document_bytes,
         )
         self._step = 0
         self._states: dict[str, dict[str, Any]] = {}
@@ -188,6 +189,7 @@ class CPTDataLoader:
             tokens_by_domain[domain] = tokens_by_domain.get(domain, 0) + self.seq_len
         for domain, n in tokens_by_domain.items():
             self._tokens_by_domain[domain] = self._tokens_by_domain.get(domain, 0) + n
+            self._note_epoch(domain, chunks[domain].state["epoch"])
             self._states[domain] = chunks[domain].state
         self._tokens_by_phase[plan.name] = (
             self._tokens_by_phase.get(plan.name, 0) + self.seq_len * self.global_rows
@@ -202,6 +204,19 @@ class CPTDataLoader:
             phase_index=plan.index,
             tokens_by_domain=tokens_by_domain,
         )
+
+    def _note_epoch(self, domain: str, epoch: int) -> None:
+        """Say once (rank 0) when a domain has run out of data and starts over: from then on
+        its documents repeat, which a token budget larger than the data implies silently."""
+        before = self._states.get(domain, {}).get("epoch", 0)
+        if epoch > before and self.rows.start == 0:
+            log.warning(
+                "domain %r: all of its training data has been read by step %d; epoch %d "
+                "starts (its documents repeat from here on)",
+                domain,
+                self._step + 1,
+                epoch,
+            )
 
     # ----------------------------------------------------------------------------------
     # Checkpointing and reports
@@ -248,6 +263,11 @@ class CPTDataLoader:
         self._tokens_by_domain = dict(state["tokens_by_domain"])
         self._tokens_by_phase = dict(state["tokens_by_phase"])
 
+    def epoch_by_domain(self) -> dict[str, int]:
+        """Per domain read so far, how many times its data has wrapped around: 0 on the first
+        pass over its files, 1 once it started over, ..."""
+        return {d: int(s["epoch"]) for d, s in self._states.items()}
+
     def tokens_consumed(self) -> dict[str, int]:
         """Tokens of all global batches so far: ``domain/<name>`` and ``phase/<name>`` keys."""
         out = {f"domain/{d}": n for d, n in self._tokens_by_domain.items()}
@@ -281,7 +301,15 @@ class CPTDataLoader:
             log.warning("domain %r has no held-out files: no perplexity for it", domain)
             return []
         bad = BadInputLog()
-        reader = DocumentReader(domain, files, dom.text_field, Position(0, 0, 0), bad, wrap=False)
+        reader = DocumentReader(
+            domain,
+            files,
+            dom.text_field,
+            Position(0, 0, 0),
+            bad,
+            wrap=False,
+            max_bytes=self.cfg.max_document_bytes,
+        )
         pre, suf = document_affixes(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos)
         ids: list[int] = []
         while len(ids) < num_tokens and not reader.exhausted:

@@ -59,6 +59,7 @@ class PackedStream:
         add_bos: bool,
         add_eos: bool,
         position_ids: bool,
+        max_document_bytes: int | None = None,
         state: dict[str, Any] | None = None,
     ):
         state = state or initial_state()
@@ -78,7 +79,9 @@ class PackedStream:
         self.position_ids = position_ids
         self.bad = BadInputLog(state["bad"])
         start = Position(state["file_index"], state["offset"], state["epoch"])
-        self.reader = DocumentReader(name, files, text_field, start, self.bad)
+        self.reader = DocumentReader(
+            name, files, text_field, start, self.bad, max_bytes=max_document_bytes
+        )
         self._tokens = np.zeros(0, dtype=np.int32)
         self._cursor = 0
         # Per buffered document: start and end in _tokens, where it was read, bad counts then.

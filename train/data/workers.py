@@ -48,6 +48,7 @@ class StreamSpec:
     add_bos: bool
     add_eos: bool
     position_ids: bool
+    max_document_bytes: int | None = None
 
     def build(self, domain: str, state: dict[str, Any] | None) -> PackedStream:
         return PackedStream(
@@ -59,6 +60,7 @@ class StreamSpec:
             add_bos=self.add_bos,
             add_eos=self.add_eos,
             position_ids=self.position_ids,
+            max_document_bytes=self.max_document_bytes,
             state=state,
         )
 
