@@ -104,12 +104,18 @@ class Backend(abc.ABC):
         optimizer step: weight, moments and weight decay."""
 
     @abc.abstractmethod
+    def grad_norm(self) -> float:
+        """The global L2 norm of this step's reduced gradients, before clipping; the same on
+        every rank (collective). Valid between the last backward of a step and ``step()``,
+        so that a non-finite norm can still be answered with ``skip_step()``."""
+
+    @abc.abstractmethod
     def step(self) -> dict[str, float]:
         """Clip, optimizer step, LR schedule step, zero grads. Returns grad_norm and lr."""
 
     @abc.abstractmethod
     def skip_step(self) -> None:
-        """Drop this step's gradients without updating (non-finite loss)."""
+        """Drop this step's gradients without updating (non-finite loss or gradient norm)."""
 
     @abc.abstractmethod
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:

@@ -206,22 +206,30 @@ class DeepSpeedBackend(Backend):
 
     # ---------------------------------------------------------------- step
 
+    def grad_norm(self) -> float:
+        # DeepSpeed checks gradients for inf/NaN only with fp16 loss scaling, and computes
+        # its norm inside engine.step(), too late to skip the step: sum the squares over
+        # each rank's own fragments (every element is on exactly one rank) and all-reduce.
+        # ZeRO-0 keeps whole, already reduced gradients on every rank: no reduction.
+        if self.zero_stage == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norms = torch.stack([g.norm() for g in grads]) if grads else torch.zeros(1)
+            return float(torch.linalg.vector_norm(norms))
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.engine.module.parameters():
+            if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
+                for frag in self.grad_fragments(p):
+                    sq += torch.linalg.vector_norm(frag.get()[: frag.numel].float()).double() ** 2
+        return float(self.all_reduce_sum(sq).sqrt())
+
     def step(self) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (step() advances it)
         # ZeRO-0 keeps whole gradients and DeepSpeed reports no norm there: compute it.
-        norm0 = self._grad_norm_stage0() if self.cfg.engine.zero_stage == 0 else None
+        norm0 = self.grad_norm() if self.cfg.engine.zero_stage == 0 else None
         self.engine.step()
         self._micro = 0
         norm = self.engine.get_global_grad_norm() if norm0 is None else norm0
         return {"grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr}
-
-    def _grad_norm_stage0(self) -> float:
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return (
-            float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-            if grads
-            else 0.0
-        )
 
     def skip_step(self) -> None:
         # Zero every gradient we own and freeze every optimizer element, then let DeepSpeed

@@ -95,6 +95,7 @@ class FSDP2Backend(Backend):
         self.optimizer: FreezableAdamW | None = None
         self.scheduler: LambdaLR | None = None
         self._micro = 0
+        self._norm: torch.Tensor | None = None  # this step's gradient norm, once computed
 
     @property
     def empty_init(self) -> bool:
@@ -209,20 +210,34 @@ class FSDP2Backend(Backend):
 
     # ---------------------------------------------------------------- step
 
+    def _total_norm(self) -> torch.Tensor:
+        # What clip_grad_norm_ computes first; a DTensor (a pending all-reduce of the shards'
+        # norms) when the gradients are sharded. Kept until step() so it is computed once.
+        if self._norm is None:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._norm = torch.nn.utils.get_total_norm(grads)
+        return self._norm
+
+    def grad_norm(self) -> float:
+        norm = self._total_norm()
+        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
     def step(self) -> dict[str, float]:
         assert self.optimizer is not None and self.scheduler is not None
         params = [p for p in self.module.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
-        # Same rule as DeepSpeed: the norm is always reported; clip only when > 0.
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        # Same rule as DeepSpeed: the norm is always reported; clip only when > 0
+        # (clip_grad_norm_ in two halves, the norm possibly already taken by grad_norm()).
+        norm = self.grad_norm()
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, self._total_norm())
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._micro = 0
-        return {"grad_norm": float(norm), "lr": lr}
+        self._norm = None
+        return {"grad_norm": norm, "lr": lr}
 
     def skip_step(self) -> None:
         # As DeepSpeed does: an optimizer step with every element frozen and no gradient, so
@@ -238,6 +253,7 @@ class FSDP2Backend(Backend):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._micro = 0
+        self._norm = None
 
     # ---------------------------------------------------------------- checkpoints
 

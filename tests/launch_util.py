@@ -69,5 +69,30 @@ def run_cpt(
     return proc
 
 
+def mount_tmpfs(path: Path, size: str) -> bool:
+    """Mount a ``size`` tmpfs (e.g. "80m") at ``path``: a real filesystem that fills up.
+    False where that is not possible (not root); unmount with ``umount``."""
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
+    return r.returncode == 0
+
+
+def fill(directory: Path) -> Path:
+    """Fill the filesystem of ``directory`` to the last page with one file; returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    block = bytes(1 << 20)
+    try:
+        while os.write(fd, block):  # the last write is short, the one after it fails
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
 def metrics(out_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]

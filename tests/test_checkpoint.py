@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from migu_dist.fsdp2_backend import consolidate
-from tests.launch_util import ENGINES
+from tests.launch_util import ENGINES, mount_tmpfs
 from train.checkpoint import MANIFEST, Checkpointer, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,14 +330,6 @@ def test_nonfinite_loss_stop_policy(backend, tmp_path):
     assert Checkpointer.verify(out / "checkpoints" / tag_for(last_good)) is None
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
-    if os.geteuid() != 0:
-        return False
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)])
-    return r.returncode == 0
-
-
 @pytest.mark.slow
 def test_full_disk_fails_the_save_cleanly(backend, tmp_path):
     """checkpoints/ on an 80 MB tmpfs; one checkpoint is ~50 MB, so the second save hits a
@@ -346,7 +338,7 @@ def test_full_disk_fails_the_save_cleanly(backend, tmp_path):
     complete and ``latest``; a failed final save exits non-zero."""
     out = tmp_path / "full"
     ck = out / "checkpoints"
-    if not _mount_tmpfs(ck, "80m"):
+    if not mount_tmpfs(ck, "80m"):
         pytest.skip("needs root to mount a small tmpfs (a real full disk)")
     try:
         rc, log = run(out, backend, ["train.max_steps=3", "checkpoint.every_steps=1"])

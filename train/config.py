@@ -171,8 +171,9 @@ class TrainConfig:
     seq_len: PositiveInt = 128
     """Tokens per packed training sequence."""
     nonfinite_loss: Literal["skip", "stop"] = "skip"
-    """What to do when the loss is NaN/inf: skip the step (no update) or stop the run with the
-    last good checkpoint intact."""
+    """What to do when the loss or the gradient norm (before clipping, the same on every
+    rank) is NaN/inf: skip the step (weights and optimizer state untouched) or stop the run
+    with the last good checkpoint intact."""
     max_skipped_steps: NonNegativeInt = 10
     """With nonfinite_loss: skip, stop after this many consecutive skipped steps."""
 

@@ -56,6 +56,7 @@ from torch import nn
 
 from train import cl_metrics, plots
 from train.config import EvalConfig
+from train.tracking import JsonlLog, read_rows
 
 INITIAL_PHASE = "initial"
 """Phase name of the optional evaluation of the starting model (step 0)."""
@@ -388,6 +389,7 @@ class Evaluator:
         self.output_dir = Path(output_dir)
         self.device = device
         self.is_main = is_main
+        self.evals_log = JsonlLog(self.evals_path)  # opened at the first row (main rank)
         self.tasks: dict[str, PreparedTask] = {}
         for t in cfg.tasks:
             examples = load_jsonl(t.path, t.limit)
@@ -448,9 +450,7 @@ class Evaluator:
             row["n"][name] = r["n"]
         row["seconds"] = round(time.perf_counter() - start, 3)
         if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.evals_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            self.evals_log.append(row)  # a failed write is reported and retried, not fatal
         return row
 
     def write_report(
@@ -467,7 +467,8 @@ class Evaluator:
             return {}
         if phase_domains is None:
             phase_domains = _phase_domains_from_saved_config(self.output_dir / "config.yaml")
-        rows = load_jsonl(self.evals_path) if self.evals_path.is_file() else []
+        self.evals_log.flush()
+        rows = read_rows(self.evals_path)
         report = build_report(rows, phase_names, phase_domains)
         self.report_path.write_text(json.dumps(report, indent=2) + "\n")
         plots.plot_report(report, rows, self.output_dir / "plots")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -120,13 +122,44 @@ def _phase_cfg(cfg: Config, name: str):
     return next(p for p in cfg.data.phases if p.name == name)
 
 
+# Exit code of a job stopped by SIGTERM/SIGINT during set-up: 128 + SIGTERM, what a shell
+# reports for a process the signal ended.
+SETUP_SIGNAL_EXIT = 143
+
+
+class SetupInterrupted(BaseException):
+    """A stop signal arrived before the training loop took over signal handling."""
+
+
+def _raise_on_stop_signal(signum: int, frame: object) -> None:
+    raise SetupInterrupted(signum)
+
+
 def run(cfg: Config) -> int:
+    """Set up and train; the process exit code (0: finished or stopped by a signal with its
+    checkpoint written, 2: refused to resume, 3: stopped by a failure, 143: stopped by a
+    signal during set-up)."""
+    # Set-up (loading a 7B model, reading the data, resuming) takes minutes, and there is
+    # nothing new to save yet: a stop signal ends it at once, clearly, rather than by the
+    # default action (killed without a word). fit() installs its own handlers first thing.
+    # (The run lock, if taken, is released at exit.)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_on_stop_signal)
     try:
         trainer = build_trainer(cfg)
-    except ResumeError as e:
+        state = trainer.fit()
+    except ResumeError as e:  # raised by build_trainer
         print0(f"ERROR: {e}")
         return 2
-    state = trainer.fit()
+    except SetupInterrupted as e:
+        name = signal.Signals(e.args[0]).name
+        print(
+            f"[rank {os.environ.get('RANK', 0)}] {name} during set-up, before the first step: "
+            f"exiting (code {SETUP_SIGNAL_EXIT}) without a checkpoint; the run's checkpoints "
+            "are as they were.",
+            flush=True,
+        )
+        return SETUP_SIGNAL_EXIT
     trainer.backend.close()
     if trainer.lock is not None:
         trainer.lock.release()

@@ -6,6 +6,7 @@ to act. The loop talks to the sharding backend only through :class:`migu_dist.ba
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import time
@@ -106,17 +107,22 @@ class Trainer:
             batch = self.data.next_batch()
             losses = [self.backend.forward_backward(mb) for mb in self._micro_batches(batch)]
             loss, finite, stop_requested = self._agree(torch.stack(losses).float().mean())
-            if not finite:
-                if not self._handle_nonfinite(loss):
-                    break
-                metrics = {"grad_norm": float("nan"), "lr": float("nan"), "skipped": True}
-            else:
-                self.state.consecutive_skips = 0
-                migu_stats = {}
+            migu_stats, grad_norm = {}, float("nan")
+            if finite:
                 if self.migu is not None and self.migu.active(self.state.step, batch.phase):
                     migu_stats = self.migu.apply(self.backend, self.state.step, batch.phase)
                 if self.regularizer is not None:  # snapshots the anchor at a phase's start
                     migu_stats.update(self.regularizer.apply(self.backend, batch.phase))
+                # A finite loss can still come with inf/NaN gradients (an overflow in
+                # backward): the norm of what the optimizer would apply, agreed by all ranks.
+                grad_norm = self.backend.grad_norm()
+                finite = math.isfinite(grad_norm)
+            if not finite:
+                if not self._handle_nonfinite(loss, grad_norm):
+                    break
+                metrics = {"grad_norm": grad_norm, "lr": float("nan"), "skipped": True}
+            else:
+                self.state.consecutive_skips = 0
                 metrics = {**self.backend.step(), **migu_stats}
             if self.migu is not None:
                 self.migu.reset()
@@ -130,7 +136,8 @@ class Trainer:
                 self.end_phase()  # before the checkpoint: a resumed run starts the next phase
             self.maybe_checkpoint(phase_end, force=stop_requested)
             if stop_requested:
-                self.exit_reason = "signal"
+                if self.exit_reason == "finished":  # not "checkpoint_failed"
+                    self.exit_reason = "signal"
                 break
             t_last = time.perf_counter()  # evaluation/checkpoint time is not step time
         if self.evaluator is not None and self.backend.rank == 0:
@@ -175,20 +182,28 @@ class Trainer:
         self.backend.all_reduce_sum(flags)
         return flags[0] / self.backend.world_size, bool(flags[1] == 0), bool(flags[2] > 0)
 
-    def _handle_nonfinite(self, loss: torch.Tensor) -> bool:
-        """Apply the non-finite-loss policy; False means stop the run."""
+    def _handle_nonfinite(self, loss: torch.Tensor, grad_norm: float) -> bool:
+        """Apply the non-finite policy (train.nonfinite_loss) to a step whose loss or gradient
+        norm is NaN/inf; False means stop the run."""
         self.state.skipped_steps += 1
         self.state.consecutive_skips += 1
         policy = self.cfg.train.nonfinite_loss
+        what = (
+            f"Non-finite loss ({float(loss)})"
+            if not math.isfinite(float(loss))
+            else f"Non-finite gradient norm ({grad_norm}, loss {float(loss):.4f})"
+        )
         if policy == "stop" or self.state.consecutive_skips > self.cfg.train.max_skipped_steps:
             self.exit_reason = "nonfinite_loss"
             if self.backend.rank == 0:
                 print(
-                    f"Non-finite loss ({float(loss)}) at step {self.state.step}: stopping; the "
-                    "last good checkpoint is intact.",
+                    f"{what} at step {self.state.step}: stopping; the last good checkpoint is "
+                    "intact.",
                     flush=True,
                 )
             return False
+        if self.backend.rank == 0:
+            print(f"{what} at step {self.state.step}: step skipped.", flush=True)
         self.backend.skip_step()
         return True
 
@@ -268,7 +283,7 @@ class Trainer:
         if force and self.backend.rank == 0:
             print(f"Stop signal: checkpoint at step {self.state.step}, then exit.", flush=True)
         if due:
-            self.save_checkpoint(pinned=phase_end and c.at_phase_end)
+            self.save_checkpoint(pinned=phase_end and c.at_phase_end, last=force)
 
     def end_phase(self) -> None:
         """Phase boundary: MIGU's domain summary rolls over and the next phase starts."""
@@ -281,9 +296,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def save_checkpoint(self, pinned: bool = False) -> bool:
+    def save_checkpoint(self, pinned: bool = False, last: bool = False) -> bool:
         """Collective. A failed save (full disk) is reported and training goes on; a failed
-        final save makes the run exit non-zero. Pinned (phase-end) checkpoints are also
+        final save (the last step's, or ``last``: the one a stop signal asked for) makes the
+        run exit non-zero. Pinned (phase-end) checkpoints are also
         exported to ``<output_dir>/hf/<phase>`` with checkpoint.export_hf_at_phase_end."""
         self.state.wandb_id = self.tracker.wandb_id or self.state.wandb_id
         trainer_state = {"train": self.state.__dict__, **self.run_record}
@@ -295,7 +311,7 @@ class Trainer:
         }
         assert self.ckpt is not None
         ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
-        if not ok and self.state.step == self.max_steps:
+        if not ok and (last or self.state.step == self.max_steps):
             self.exit_reason = "checkpoint_failed"
         if ok and pinned and self.cfg.checkpoint.export_hf_at_phase_end:
             self._export_phase()
