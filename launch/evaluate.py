@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from train.evaluate import Evaluator
-    from train.export import consolidated_state_dict, resolve_checkpoint, run_config
+    from train.export import ExportError, consolidated_state_dict, resolve_checkpoint, run_config
     from train.model import build_model
     from train.run import build_data, heldout_sets
     from train.tokenizer import load_tokenizer
@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.is_available()
     ) else torch.device("cpu")  # fmt: skip
 
-    root, tag = resolve_checkpoint(args.checkpoint)
+    try:
+        root, tag = resolve_checkpoint(args.checkpoint)  # checksums verified
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     cfg = run_config(root, world, args.config)
     state = json.loads((root / tag / "trainer_state.json").read_text())["train"]
     model = build_model(cfg.model, seed=cfg.train.seed)

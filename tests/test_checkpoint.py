@@ -16,6 +16,7 @@ checkpoint and exit 0, and ``torchrun`` then exits 0. The test sends it to the w
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ import pytest
 import torch
 
 from migu_dist.fsdp2_backend import consolidate
-from tests.launch_util import ENGINES, mount_tmpfs
+from tests.launch_util import ENGINES, fill, mount_tmpfs
 from train.checkpoint import MANIFEST, Checkpointer, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,6 +332,54 @@ def test_nonfinite_loss_stop_policy(backend, tmp_path):
 
 
 @pytest.mark.slow
+def test_nonfinite_gradient_norm_with_finite_loss_is_skipped(backend, tmp_path, monkeypatch):
+    """Gradients made inf in backward at steps 2 and 3 while the loss stays finite
+    (``tests/workers/poison_grads.py``): both steps are skipped like a non-finite loss, the
+    weights and AdamW moments after them are bit-identical to before, and the run goes on
+    (ZeRO-3 in fp32 used to apply the NaN update: DeepSpeed checks for overflow with fp16
+    loss scaling only)."""
+    out = tmp_path / "gradinf"
+    monkeypatch.setenv("POISON_STEPS", "1,2")  # 0-based: logged steps 2 and 3
+    extra = ["train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=10"]
+    rc, log = run(out, backend, extra, script="tests/workers/poison_grads.py")
+    assert rc == 0, log[-3000:]
+    got = rows(out)
+    assert [s for s, r in got.items() if r.get("skipped")] == [2, 3]
+    assert all(math.isfinite(got[s]["loss"]) for s in got)
+    assert not any(math.isfinite(got[s]["grad_norm"]) for s in (2, 3))
+    assert "Non-finite gradient norm" in log and "step skipped" in log
+    ck = out / "checkpoints"
+    before, after = model_state(ck, tag_for(1), backend), model_state(ck, tag_for(3), backend)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step moved weights"
+    assert all(torch.isfinite(v).all() for v in after.values())
+    m1, m3 = adam_moments(ck / tag_for(1), backend), adam_moments(ck / tag_for(3), backend)
+    assert m1 and all(torch.equal(m1[k], m3[k]) for k in m1), "a skipped step moved moments"
+    last = model_state(ck, tag_for(4), backend)
+    assert any(not torch.equal(last[k], after[k]) for k in last), "step 4 trained"
+
+
+@pytest.mark.slow
+def test_torn_log_line_is_cut_at_resume(backend, reference, tmp_path):
+    """A kill or a full disk during a log write leaves a torn last line in metrics.jsonl
+    and evals.jsonl; every later resume used to fail on it (JSONDecodeError). Now it is cut
+    off, warned, and the resumed run's rows equal the uninterrupted run's."""
+    out = tmp_path / "torn"
+    out.mkdir()
+    ref = rows(reference)
+    kept = "".join(json.dumps(ref[s] | {"tokens_per_s": 1.0}) + "\n" for s in range(1, 11))
+    (out / "metrics.jsonl").write_text(kept + '{"step": 11, "lo')
+    (out / "evals.jsonl").write_text('{"step": 4, "phase": "gen')
+    src = reference / "checkpoints" / tag_for(9)
+    rc, log = run(out, backend, [f"resume={src}", "eval.every_steps=3", "eval.heldout_tokens=128"])
+    assert rc == 0, log[-3000:]
+    assert "metrics.jsonl: dropped 1 line(s) that are not JSON rows" in log
+    assert "evals.jsonl: dropped 1 line(s) that are not JSON rows" in log
+    assert_same_trajectory(out, ref, after=9)
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [12]
+
+
+@pytest.mark.slow
 def test_full_disk_fails_the_save_cleanly(backend, tmp_path):
     """checkpoints/ on an 80 MB tmpfs; one checkpoint is ~50 MB, so the second save hits a
     real ENOSPC mid-write (typically on one rank only: the other's shard fits). That save
@@ -353,6 +402,76 @@ def test_full_disk_fails_the_save_cleanly(backend, tmp_path):
         assert max(rows(out)) == 3, "training went on after the failed save"
     finally:
         subprocess.run(["umount", str(ck)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_full_log_disk_is_not_fatal_and_a_failed_signal_save_exits_nonzero(backend, tmp_path):
+    """metrics.jsonl, evals.jsonl and checkpoints/ on a 40 MB tmpfs filled to the last page
+    before the run starts (the logs are links into it). Training goes on while no log row
+    can be written (warned once per file); once the filler is removed the delayed rows are
+    written, each step exactly once, in order. A SIGTERM then asks for a checkpoint (~50
+    MB), which cannot fit: the run exits non-zero instead of 0 as if it had been saved."""
+    out, disk = tmp_path / "run", tmp_path / "disk"
+    if not mount_tmpfs(disk, "40m"):
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    try:
+        out.mkdir()
+        (disk / "checkpoints").mkdir()
+        for name in ("metrics.jsonl", "evals.jsonl", "checkpoints"):
+            (out / name).symlink_to(disk / name)
+        filler = fill(disk)
+        extra = ["train.max_steps=60", "eval.every_steps=2", "eval.heldout_tokens=128"]
+        proc = start(out, backend, extra)
+        t0 = time.monotonic()
+        while log_text(out).count("WARNING: cannot write") < 2:  # both logs
+            assert proc.poll() is None and time.monotonic() - t0 < TIMEOUT, log_text(out)
+            time.sleep(0.05)
+        time.sleep(2)  # a few more steps with the disk full
+        filler.unlink()
+        while log_text(out).count("writing again") < 2:
+            assert proc.poll() is None and time.monotonic() - t0 < TIMEOUT, log_text(out)
+            time.sleep(0.05)
+        for w in workers(proc):
+            w.send_signal(signal.SIGTERM)
+        rc, log = finish(proc, out)
+        logged = {n: (out / n).read_text().splitlines() for n in ("metrics.jsonl", "evals.jsonl")}
+    finally:
+        subprocess.run(["umount", str(disk)])
+    assert rc != 0, log[-3000:]
+    assert "exit=checkpoint_failed" in log
+    stopped = int(log.split("Stop signal: checkpoint at step ")[1].split(",")[0])
+    assert f"checkpoint {tag_for(stopped)} was not saved" in log
+    assert log.count("WARNING: cannot write") == 2 and log.count("writing again") == 2
+    steps = [json.loads(x)["step"] for x in logged["metrics.jsonl"]]
+    assert steps == list(range(1, stopped + 1))
+    evals = [json.loads(x)["step"] for x in logged["evals.jsonl"]]
+    assert evals == list(range(0, stopped + 1, 2))
+
+
+def log_text(out: Path) -> str:
+    path = Path(f"{out}.log")
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_sigterm_during_setup_exits_without_a_checkpoint(backend, tmp_path):
+    """SIGTERM to the workers while they set up (model, backend, data): each says so and
+    exits 143 at once; no checkpoint, no metrics (the default action killed them without a
+    word, and the loop's handler would have trained a step and saved it)."""
+    out = tmp_path / "setup"
+    proc = start(out, backend)
+    t0 = time.monotonic()
+    while not (out / "config.yaml").exists():  # written first thing in set-up
+        assert proc.poll() is None and time.monotonic() - t0 < TIMEOUT, log_text(out)
+        time.sleep(0.02)
+    ranks = workers(proc)
+    for w in ranks:
+        w.send_signal(signal.SIGTERM)
+    rc, log = finish(proc, out)
+    assert rc != 0
+    assert log.count("SIGTERM during set-up, before the first step: exiting (code 143)") == 2
+    assert not (out / "metrics.jsonl").exists() and not list(out.glob("checkpoints/step_*"))
 
 
 @pytest.mark.slow
@@ -394,6 +513,20 @@ def test_truncated_latest_falls_back_and_manifestless_dir_is_ignored(
     (root / "latest").write_text(tag_for(9))
     assert Checkpointer(root).find_latest_good() == tag_for(8)
     assert "missing or incomplete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_offline_tools_verify_a_step_directory(reference, tmp_path):
+    """launch/evaluate.py and launch/export_hf.py given one step directory check its files
+    against the manifest (evaluate.py used to evaluate a corrupt checkpoint silently)."""
+    root = _copy_tags(reference, tmp_path, [tag_for(12)])
+    flip_bytes(shard(root / tag_for(12), "deepspeed", rank=1))
+    for tool in (["launch/evaluate.py"], ["launch/export_hf.py", "--out", str(tmp_path / "hf")]):
+        cmd = [sys.executable, *tool, "--checkpoint", str(root / tag_for(12))]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, (tool, r.stdout[-2000:], r.stderr[-2000:])
+        assert f"checkpoint {root / tag_for(12)} is damaged" in r.stderr
+        assert "checksum mismatch" in r.stderr
 
 
 # ------------------------------------------------------------------------------ export

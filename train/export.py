@@ -30,10 +30,16 @@ class ExportError(RuntimeError):
     pass
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """``(checkpoints root, tag)`` for a step directory, or a root's newest good checkpoint."""
+def resolve_checkpoint(path: str | Path, verify: bool = True) -> tuple[Path, str]:
+    """``(checkpoints root, tag)`` for a step directory, or a root's newest good checkpoint.
+
+    Either way the checkpoint's files are checked against its manifest (sizes and CRC32)
+    unless ``verify`` is False: a damaged checkpoint raises :class:`ExportError`."""
     p = Path(path)
     if (p / MANIFEST).is_file() or (p / "trainer_state.json").is_file():
+        problem = Checkpointer.verify(p) if verify else None
+        if problem:
+            raise ExportError(f"checkpoint {p} is damaged ({problem}); use another one.")
         return p.parent, p.name
     tag = Checkpointer(p).find_latest_good()
     if tag is None:
@@ -103,12 +109,8 @@ def export_hf(
 
     from train.model import causal_lm_class
 
-    root, tag = resolve_checkpoint(checkpoint)
+    root, tag = resolve_checkpoint(checkpoint, verify=verify)
     d = root / tag
-    if verify:
-        problem = Checkpointer.verify(d)
-        if problem:
-            raise ExportError(f"checkpoint {d} is damaged ({problem}); export another one.")
     state = json.loads((d / "trainer_state.json").read_text())
     cfg = cfg or run_config(root, world_size=state["world_size"])
     torch_dtype = DTYPES[dtype]
