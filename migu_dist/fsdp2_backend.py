@@ -19,15 +19,18 @@ gradients accumulate locally); the last one reduce-scatters the sum. The loss is
 Checkpoints (``<root>/<tag>/``, torch.distributed.checkpoint): every rank writes its own
 ``__<rank>_0.distcp`` with its shards of the model and AdamW state, rank 0 writes ``.metadata``.
 Keys: ``model.<fqn>``, ``optim.state.<fqn>.{step,exp_avg,exp_avg_sq}``,
-``optim.param_groups...``, ``scheduler...``, ``client`` (pickled ``client_state``).
+``optim.param_groups...``, ``scheduler...``, ``client`` (``client_state`` as JSON). Loading
+runs no code from the files: the non-tensor entries are read with ``weights_only=True``
+(:class:`SafeLoadPlanner`).
 :func:`consolidate` reads the model back whole in one process (no process group), for the
 Hugging Face export.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +41,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -68,6 +73,17 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no .model.layers to shard per block")
     return list(layers)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that a non-tensor entry (param groups, scheduler
+    state, client state) must load with ``torch.load(weights_only=True)``, plain data only:
+    the default reads them with ``weights_only=False``, running whatever the file says."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # raises on anything but plain data
+        value.seek(0)
+        super().load_bytes(read_item, value)  # now known to unpickle plain data only
 
 
 class FSDP2Backend(Backend):
@@ -264,8 +280,8 @@ class FSDP2Backend(Backend):
             "model": model_sd,
             "optim": optim_sd,
             "scheduler": self.scheduler.state_dict(),
-            # One opaque blob: its keys need not be known in advance to load it.
-            "client": pickle.dumps(client_state),
+            # One opaque string: its keys need not be known in advance to load it.
+            "client": json.dumps(client_state),
         }
 
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
@@ -283,7 +299,7 @@ class FSDP2Backend(Backend):
         if not (path / ".metadata").is_file():
             raise FileNotFoundError(f"no FSDP2 (DCP) checkpoint at {path}")
         state = self._state({})
-        dcp.load(state, checkpoint_id=str(path))  # fills ``state`` in place
+        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())  # fills ``state``
         set_state_dict(
             self.module,
             self.optimizer,
@@ -291,7 +307,12 @@ class FSDP2Backend(Backend):
             optim_state_dict=state["optim"],
         )
         self.scheduler.load_state_dict(state["scheduler"])
-        return pickle.loads(state["client"])
+        if not isinstance(state["client"], str):
+            raise RuntimeError(
+                f"{path}: client state in a pickled format of an earlier version, not loaded "
+                "(it could run code); resume from a checkpoint this version wrote."
+            )
+        return json.loads(state["client"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)

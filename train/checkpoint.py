@@ -89,6 +89,22 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _safe_globals() -> list[Any]:
+    """The types in ``rank_*.pt`` besides plain data and tensors, allowed to
+    ``torch.load(weights_only=True)``: NumPy's RNG state (a uint32 ndarray)."""
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core  # NumPy 2 / 1
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def read_rank_state(path: Path) -> dict[str, Any]:
+    """A ``rank_*.pt`` file: plain data, tensors and the allowed NumPy types only. A file that
+    would run code on loading is refused (``pickle.UnpicklingError``)."""
+    with torch.serialization.safe_globals(_safe_globals()):
+        return torch.load(path, weights_only=True)
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -321,5 +337,5 @@ class Checkpointer:
             )
         assert self.backend is not None, "a Checkpointer without a backend only reads"
         self.backend.load(str(self.root), tag)
-        rank_state = torch.load(d / f"rank_{self.rank:05d}.pt", weights_only=False)
+        rank_state = read_rank_state(d / f"rank_{self.rank:05d}.pt")
         return state, rank_state
