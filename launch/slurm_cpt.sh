@@ -14,6 +14,15 @@
 # SLURM itself; its processes get SIGTERM directly and checkpoint the same way, within the
 # cluster's grace time.
 #
+# Failures end the job in minutes, not after a collective times out (engine.dist_timeout_minutes,
+# 30 by default) on the ranks still alive: a worker that exits non-zero makes its node's torchrun
+# stop the node's other workers and exit non-zero (--max_restarts 0), and srun's
+# --kill-on-bad-exit=1 then ends the tasks of every other node. A node that dies is SLURM's to
+# notice (the job ends unless --no-kill). A rank that hangs without dying (a stuck collective)
+# is ended by the NCCL watchdog after engine.dist_timeout_minutes
+# (TORCH_NCCL_ASYNC_ERROR_HANDLING=1: abort the process, not wait forever). A signal-triggered
+# checkpoint is not cut short by this: it is collective and complete before any rank exits.
+#
 # output_dir must be on a filesystem every node sees (checkpoints, logs): see README.md.
 #SBATCH --job-name=migu-cpt
 #SBATCH --nodes=2
@@ -43,6 +52,8 @@ export RDZV_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 # them the time to finish a step and write a checkpoint, within the 120 s signal lead.
 export SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-100}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# A collective that times out aborts the process (torchrun's default too; explicit here).
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES node(s) x" \
     "$NPROC_PER_NODE, rendezvous $RDZV_HOST:$RDZV_PORT, config $*"
@@ -56,7 +67,7 @@ on_term() {
 trap on_term TERM
 
 # Single quotes: SLURM_NODEID is each node's own, expanded by that node's shell.
-srun --ntasks-per-node=1 --kill-on-bad-exit=0 bash -c '
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     exec "$PYTHON" -m torch.distributed.run \
         --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$NPROC_PER_NODE" \
         --rdzv_backend c10d --rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \

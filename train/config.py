@@ -220,7 +220,11 @@ class EngineConfig:
     """Path to your own DeepSpeed JSON. Its batch sizes, optimizer and scheduler keys are
     overwritten from this config so that the two never disagree."""
     dist_timeout_minutes: PositiveInt = 30
-    """Timeout of collective operations."""
+    """How long a collective waits for the other ranks before the job fails: what a hung rank
+    (alive, stuck) costs. It must exceed the longest work one rank does while the others wait
+    in a collective: checksumming or exporting a checkpoint (rank 0, phase-end Hugging Face
+    export of a 7B model: minutes), an evaluation. A rank that dies ends the job sooner
+    (torchrun stops its node, srun --kill-on-bad-exit=1 the others: launch/slurm_cpt.sh)."""
 
 
 @dataclass

@@ -118,8 +118,8 @@ class JsonlLog:
             if written != len(data):  # a short write: the disk filled up during it
                 raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
         except OSError as e:
-            if size is not None:  # take back a partial line now (else: cut at the retry)
-                with contextlib.suppress(OSError):
+            if self._fd is not None and size is not None:  # take back a partial line now
+                with contextlib.suppress(OSError):  # (else: cut at the retry)
                     os.ftruncate(self._fd, size)
             if not self._failing:
                 print(
