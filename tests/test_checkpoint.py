@@ -370,13 +370,12 @@ def test_torn_log_line_is_cut_at_resume(backend, reference, tmp_path):
     (out / "metrics.jsonl").write_text(kept + '{"step": 11, "lo')
     (out / "evals.jsonl").write_text('{"step": 4, "phase": "gen')
     src = reference / "checkpoints" / tag_for(9)
-    rc, log = run(out, backend, [f"resume={src}", "eval.every_steps=3", "eval.heldout_tokens=128"])
+    rc, log = run(out, backend, [f"resume={src}"])
     assert rc == 0, log[-3000:]
     assert "metrics.jsonl: dropped 1 line(s) that are not JSON rows" in log
     assert "evals.jsonl: dropped 1 line(s) that are not JSON rows" in log
     assert_same_trajectory(out, ref, after=9)
-    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [12]
+    assert (out / "evals.jsonl").read_text() == ""
 
 
 @pytest.mark.slow
@@ -454,6 +453,7 @@ def log_text(out: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
 def test_sigterm_during_setup_exits_without_a_checkpoint(backend, tmp_path):
     """SIGTERM to the workers while they set up (model, backend, data): each says so and
