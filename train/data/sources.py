@@ -145,7 +145,8 @@ def _iter_lines(
     parts: list[bytes] = []  # the unfinished line's pieces (empty once it is too long)
     held = 0  # bytes of the unfinished line so far
     while block := fh.read(_BLOCK):
-        *complete, rest = block.split(b"\n")
+        complete = block.split(b"\n")
+        rest = complete.pop()
         for piece in complete:
             size = held + len(piece)
             nxt = start + size + 1
