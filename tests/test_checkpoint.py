@@ -515,6 +515,7 @@ def test_truncated_latest_falls_back_and_manifestless_dir_is_ignored(
     assert "missing or incomplete" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
 def test_offline_tools_verify_a_step_directory(reference, tmp_path):
     """launch/evaluate.py and launch/export_hf.py given one step directory check its files
