@@ -121,13 +121,14 @@ def build_model(
             # loading on them, which a bare ``deepspeed.zero.Init`` around
             # ``LlamaForCausalLM(cfg)`` does not.
             if cfg.init_from:
-                model, info = cls.from_pretrained(
+                loaded: Any = cls.from_pretrained(
                     cfg.init_from,
                     config=config,
                     dtype=dtype,
                     attn_implementation=attn,
                     output_loading_info=True,
                 )
+                model, info = loaded  # (model, {missing, unexpected, mismatched, errors})
                 # check_weights already compared names and shapes; this also catches what
                 # only transformers' loader sees (conversion errors). Under ZeRO-3 it reports
                 # missing keys on every rank and load errors on rank 0 only: check_weights has
