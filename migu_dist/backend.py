@@ -92,9 +92,10 @@ class Backend(abc.ABC):
 
         DeepSpeed: ZeRO-3 the parameter's slice of the fp32 partition
         (``safe_get_local_fp32_param``), ZeRO-1/2 the ``_hp_mapping`` fp32 fragment, ZeRO-0 the
-        parameter itself. FSDP2: the local shard of each DTensor parameter,
-        ``param.to_local().view(-1)`` (with mixed precision this is still the fp32 sharded
-        parameter the optimizer steps), covering the flat range of its dim-0 shard.
+        parameter itself (fp32) or its fp32 master copy (bf16). FSDP2: the local shard of each
+        DTensor parameter, ``param.to_local().view(-1)`` (with mixed precision this is still
+        the fp32 sharded parameter the optimizer steps), covering the flat range of its dim-0
+        shard.
         """
         raise NotImplementedError(f"{type(self).__name__} does not expose local parameters")
 
@@ -190,16 +191,30 @@ def ensure_world_env() -> None:
 
 
 def adamw(model: nn.Module, cfg: Config, fused: bool = False) -> FreezableAdamW:
-    """FreezableAdamW over the trainable parameters, no decay for norms/biases/embeddings."""
+    """FreezableAdamW over the trainable parameters, no decay for norms/biases/embeddings, and
+    MIGU's masked weights in a group of their own when their decay differs
+    (``migu.weight_decay``)."""
     o = cfg.optim
+    masked_decay = cfg.migu.masked_weight_decay(o.weight_decay)
+    masked: set[int] = set()
+    if cfg.migu.enabled and masked_decay != o.weight_decay:
+        from migu_dist.migu import masked_weights
+
+        masked = {id(p) for p in masked_weights(cfg.migu, model)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    migu: list[nn.Parameter] = []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if id(p) in masked:
+            migu.append(p)
+        else:
             (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": o.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": migu, "weight_decay": masked_decay},
     ]
     extra = {"fused": True} if fused else {}
     return FreezableAdamW(

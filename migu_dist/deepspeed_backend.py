@@ -6,7 +6,11 @@ partition of every masked weight's reduced gradient:
   ``[r * partition_numel, (r + 1) * partition_numel)`` of each parameter (the last rank's
   tail is padding).
 - ZeRO-1/2 (and the bf16 optimizer): the parameter's ``_hp_mapping`` fragment on this rank.
-- ZeRO-0 in fp32: ``param.grad`` itself, which every rank holds whole anyway.
+  ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer, which keeps every parameter's whole fp32
+  gradient on every rank and clips by the norm of all of it: once MIGU or the L2 anchor has
+  changed this rank's partition, the partitions are all-gathered before the step.
+- ZeRO-0: ``param.grad`` itself, which every rank holds whole anyway (bf16 under bf16, whose
+  fp32 master is a separate tensor of DeepSpeed's FP16_UnfusedOptimizer).
 Clipping, the optimizer step and the LR schedule then run inside ``engine.step()`` on the
 masked gradients.
 """
@@ -58,8 +62,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     bf16 = use_bf16(cfg)
     ds["bf16"] = {"enabled": bf16}
     if bf16:
-        # fp32 gradient accumulation keeps MIGU's masked gradients and the norm exact.
-        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        # fp32 gradient accumulation keeps MIGU's masked gradients and the norm exact. ZeRO-0
+        # has no such mix (DeepSpeed refuses bf16 weights with fp32 accumulation there): its
+        # gradients accumulate and all-reduce in bf16, the optimizer still steps fp32 masters.
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = (
+            "bf16" if cfg.engine.zero_stage == 0 else "fp32"
+        )
     return ds
 
 
@@ -109,6 +117,41 @@ class DeepSpeedBackend(Backend):
         )
         self.optimizer = opt
         self._micro = 0
+        # ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer): each bf16 parameter has its own
+        # fp32 master, the tensor the torch optimizer steps. Elsewhere the parameter itself
+        # (ZeRO-0 fp32) or a flat fp32 partition reached through the parameter's attributes.
+        wrapper = self.engine.optimizer
+        self._masters: dict[int, torch.Tensor] = {}
+        if self.zero_stage == 0 and wrapper is not opt:
+            for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                self._masters.update((id(lp), hp) for lp, hp in zip(lp_group, hp_group))
+            # That optimizer creates AdamW's state by one step on zero gradients at
+            # construction: AdamW's step count is then one ahead (every bias correction is off,
+            # the first real update ~0.73 of AdamW's) and weight decay has shrunk the masters
+            # once. Undo it: a fresh state, masters equal to the weights they were copied from.
+            opt.state.clear()
+            with torch.no_grad():
+                for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                    for lp, hp in zip(lp_group, hp_group):
+                        hp.copy_(lp)
+        self._grads_changed = False  # a ZeRO-1/2 fragment was written since the last step
+
+    def _sync_full_grads(self) -> None:
+        """DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16) keeps every parameter's whole reduced
+        fp32 gradient on every rank and takes the clipping norm over all of it, locally, while
+        MIGU and the L2 anchor change only this rank's partition. All-gather the partitions
+        (one fp32 all-gather of the gradients, only after such a change) so that every rank's
+        norm is the norm of the gradient the optimizer steps."""
+        wrapper = self.engine.optimizer
+        if not self._grads_changed or not hasattr(wrapper, "fp32_groups_gradient_flat_partition"):
+            self._grads_changed = False
+            return
+        for i, flat in enumerate(wrapper.fp32_groups_gradients_flat):
+            own = wrapper.fp32_groups_gradient_flat_partition[i].clone()  # a view into flat
+            group = wrapper.real_dp_process_group[i]
+            with torch.no_grad():  # gloo writes the output through split views
+                torch.distributed.all_gather_into_tensor(flat, own, group=group)
+        self._grads_changed = False
 
     @property
     def module(self) -> nn.Module:
@@ -152,7 +195,10 @@ class DeepSpeedBackend(Backend):
         elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
             m = param._hp_mapping
             lp = m.lp_fragment_address
-            hp_tensor = self.engine.optimizer.single_partition_of_fp32_groups[m.param_group_index]
+            # The flat fp32 partition of this parameter group: what DeepSpeed's ZeRO-1/2
+            # optimizer (single_partition_of_fp32_groups) and its BF16_Optimizer (ZeRO-1 in
+            # bf16, fp32_groups_flat_partition) both put in the torch optimizer's group.
+            hp_tensor = self.optimizer.param_groups[m.param_group_index]["params"][0]
 
             def get() -> torch.Tensor:
                 g = m.get_lp_grad_fragment(param._index_in_param_group).view(-1)
@@ -164,6 +210,7 @@ class DeepSpeedBackend(Backend):
                 g = get()
                 if g.data_ptr() != t.data_ptr():
                     g.copy_(t[: g.numel()])
+                self._grads_changed = True
 
             yield GradFragment(
                 param_start=lp.start,
@@ -172,13 +219,13 @@ class DeepSpeedBackend(Backend):
                 set=set_,
                 hp=(hp_tensor, m.hp_fragment_address.start),
             )
-        elif param.grad is not None:  # ZeRO-0 fp32: the optimizer's tensor is the param
+        elif self.zero_stage == 0 and param.grad is not None:  # every rank: the whole grad
             yield GradFragment(
                 param_start=0,
                 numel=param.numel(),
                 get=lambda: param.grad.view(-1),
                 set=lambda t: None,
-                hp=(param, 0),
+                hp=(self._masters.get(id(param), param), 0),
             )
 
     def local_params(self) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
@@ -192,8 +239,8 @@ class DeepSpeedBackend(Backend):
                 master = safe_get_local_fp32_param(param).view(-1)[:numel]
             elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2, bf16 optimizer
                 master = param._hp_mapping.hp_fragment.view(-1)
-            elif self.zero_stage == 0 and not use_bf16(self.cfg):
-                master = param.data.view(-1)
+            elif self.zero_stage == 0:  # the fp32 master (bf16), or the parameter itself
+                master = self._masters.get(id(param), param).data.view(-1)
             else:  # this rank owns no element of it
                 continue
             if master.numel():
@@ -213,7 +260,8 @@ class DeepSpeedBackend(Backend):
         # ZeRO-0 keeps whole, already reduced gradients on every rank: no reduction.
         if self.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            norms = torch.stack([g.norm() for g in grads]) if grads else torch.zeros(1)
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]  # bf16 too
+            norms = torch.stack(norms) if grads else torch.zeros(1)
             return float(torch.linalg.vector_norm(norms))
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.engine.module.parameters():
@@ -226,6 +274,7 @@ class DeepSpeedBackend(Backend):
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (step() advances it)
         # ZeRO-0 keeps whole gradients and DeepSpeed reports no norm there: compute it.
         norm0 = self.grad_norm() if self.cfg.engine.zero_stage == 0 else None
+        self._sync_full_grads()
         self.engine.step()
         self._micro = 0
         norm = self.engine.get_global_grad_norm() if norm0 is None else norm0
@@ -245,6 +294,7 @@ class DeepSpeedBackend(Backend):
                 frag.set(g)
                 ones = torch.ones(frag.numel, dtype=torch.bool, device=g.device)
                 self.freeze_elements(frag, ones)
+        self._sync_full_grads()
         self.engine.step()
         self._micro = 0
 

@@ -11,7 +11,9 @@ Per step:
 2. At the accumulation boundary the per-layer vectors are concatenated and all-reduced once
    (mean over data-parallel ranks), so every rank derives the same mask.
 3. Per layer, the top ``k = ceil(keep_ratio * rows)`` rows are kept. Ties are broken by row
-   index (lower index wins): a stable descending sort, no randomness.
+   index (lower index wins): a stable descending sort, no randomness. ``threshold: quantile``
+   (the reference code) keeps instead every row whose magnitude is >= the layer's
+   ``1 - keep_ratio`` quantile (linear interpolation), tied rows included.
 4. Each rank masks only the gradient elements it owns (a :class:`GradFragment` from the
    backend: a flat range of the row-major weight), mapping flat index -> row
    (``row = flat // in_features``); a row that straddles two ranks' partitions is masked by
@@ -33,11 +35,13 @@ summing, so that every token weighs the same; with ``none`` (the reference code)
 large activations dominate. A per-layer rescaling (the paper's L1 normalisation of the summed
 vector) would not change which rows are kept, so it is not offered separately.
 
-``mode: grad`` masks gradients only: AdamW momentum and decoupled weight decay still move
-masked rows (the reference behaviour). ``mode: update`` also freezes masked rows inside the
-optimizer for that step (moments and weight untouched): over a long continual pre-training
-run, momentum from earlier domains otherwise keeps moving rows that the current domain does
-not use, which is exactly the drift MIGU tries to prevent.
+``mode: grad`` masks gradients only: AdamW momentum still moves masked rows (the reference
+behaviour; the masked weights get their own weight decay, ``migu.weight_decay``, by default 0
+as in the reference runs, else decay alone would shrink every masked row each step).
+``mode: update`` also freezes masked rows inside the optimizer for that step (moments and
+weight untouched): over a long continual pre-training run, momentum from earlier domains
+otherwise keeps moving rows that the current domain does not use, which is exactly the drift
+MIGU tries to prevent.
 """
 
 from __future__ import annotations
@@ -74,6 +78,15 @@ def topk_row_mask(stat: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     keep = torch.zeros(rows, dtype=torch.bool, device=stat.device)
     keep[order[:k]] = True
     return keep
+
+
+def quantile_row_mask(stat: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """(rows,) magnitudes -> (rows,) bool: the reference code's rule, rows whose magnitude is
+    >= the ``1 - keep_ratio`` quantile of the layer's magnitudes (``torch.quantile``, linear
+    interpolation between the two nearest order statistics). Without ties at the threshold
+    that keeps ``rows - ceil((1 - keep_ratio) * (rows - 1))`` rows (11 of 37 at 0.3, where
+    top-k keeps 12); rows tied at the threshold are all kept."""
+    return stat >= torch.quantile(stat.float(), 1.0 - keep_ratio)
 
 
 def row_mask_for_range(keep: torch.Tensor, start: int, numel: int, cols: int) -> torch.Tensor:
@@ -118,14 +131,10 @@ class Migu:
         self.collecting = True
         self.prev_domain_keep: dict[str, torch.Tensor] = {}  # layer -> mean mask of last domain
         self._domain_steps = 0
-        inc = [re.compile(r) for r in cfg.include]
-        exc = [re.compile(r) for r in cfg.exclude]
-        for name, mod in model.named_modules():
-            if not any(r.search(name) for r in inc) or any(r.search(name) for r in exc):
-                continue
-            for layer in _targets(name, mod):
-                layer.handle = layer.module.register_forward_hook(self._make_hook(layer))
-                self.layers.append(layer)
+        self._keep = quantile_row_mask if cfg.quantile_rule() else topk_row_mask
+        self.layers = select_layers(cfg, model)
+        for layer in self.layers:
+            layer.handle = layer.module.register_forward_hook(self._make_hook(layer))
         if not self.layers:
             raise ValueError(
                 f"migu.include {cfg.include} matched no trainable nn.Linear or LoRA module; "
@@ -203,7 +212,7 @@ class Migu:
             offset += n
             if gen is not None:
                 stat = torch.rand(n, generator=gen).to(stat.device)
-            masks.append(topk_row_mask(stat, self.cfg.keep_ratio))
+            masks.append(self._keep(stat, self.cfg.keep_ratio))
         return masks
 
     def apply(self, backend: Backend, step: int, phase: str | None) -> dict[str, float]:
@@ -285,6 +294,23 @@ class Migu:
         for layer in self.layers:
             layer.keep = state.get("last_keep", {}).get(layer.name)
             layer.domain_sum = state.get("domain_sum", {}).get(layer.name)
+
+
+def select_layers(cfg: MiguConfig, model: nn.Module) -> list[_Layer]:
+    """The layers ``cfg.include``/``cfg.exclude`` select, in module order (no hooks yet)."""
+    inc = [re.compile(r) for r in cfg.include]
+    exc = [re.compile(r) for r in cfg.exclude]
+    return [
+        layer
+        for name, mod in model.named_modules()
+        if any(r.search(name) for r in inc) and not any(r.search(name) for r in exc)
+        for layer in _targets(name, mod)
+    ]
+
+
+def masked_weights(cfg: MiguConfig, model: nn.Module) -> list[nn.Parameter]:
+    """The weights MIGU masks by rows (for their own weight decay, ``migu.weight_decay``)."""
+    return [cast(nn.Parameter, layer.owner.weight) for layer in select_layers(cfg, model)]
 
 
 def _targets(name: str, mod: nn.Module) -> list[_Layer]:

@@ -120,10 +120,15 @@ def dense_reference(cfg, init: dict, *, l2: float = 0.0, migu: bool = False) -> 
     for n, (m, _) in targets.items():
         m.register_forward_hook(hook_for(n))
     o = cfg.optim
-    decay = [p for n, p in trainable.items() if not re.search("norm|bias|embed", n)]
+    masked = {f"{n}.weight" for n in targets}  # mode grad: MIGU's weights do not decay
+    decay = [
+        p for n, p in trainable.items() if not re.search("norm|bias|embed", n) and n not in masked
+    ]
     rest = [p for n, p in trainable.items() if re.search("norm|bias|embed", n)]
     groups = [{"params": decay, "weight_decay": o.weight_decay}]
     groups += [{"params": rest, "weight_decay": 0.0}] if rest else []
+    no_decay = [p for n, p in trainable.items() if n in masked]
+    groups += [{"params": no_decay, "weight_decay": 0.0}] if no_decay else []
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     mbs, n_micro = cfg.train.micro_batch_size, WORLD * cfg.train.grad_accum
     anchor, all_masks = None, []

@@ -215,7 +215,12 @@ class EngineConfig:
     zero_stage: Annotated[int, Range(ge=0, le=3)] = 3
     """DeepSpeed ZeRO stage, 0-3. Stage 3 shards parameters, gradients and optimizer state."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    """auto: bf16 on GPU, fp32 on CPU. bf16: bf16 weights, activations and gradients, with fp32
+    master weights and fp32 AdamW states on every engine. Gradients accumulate over
+    micro-batches and are reduced in fp32 under DeepSpeed ZeRO-1/2/3 (ZeRO-1 through DeepSpeed's
+    BF16_Optimizer) and FSDP2 (reduce_dtype fp32). DeepSpeed ZeRO-0 supports no fp32
+    accumulation for bf16 weights: there gradients accumulate and are all-reduced in bf16
+    (grad_accum_dtype bf16), then cast to fp32 for clipping and the step."""
     deepspeed_config: str | None = None
     """Path to your own DeepSpeed JSON. Its batch sizes, optimizer and scheduler keys are
     overwritten from this config so that the two never disagree."""
@@ -236,9 +241,27 @@ class MiguConfig:
     keep_ratio: Annotated[float, Range(gt=0, le=1)] = 0.3
     """Fraction of output rows of each masked linear layer that keep their gradient
     (reference code: 0.3, i.e. it masks the lowest 70%)."""
+    recipe: Literal["custom", "reference"] = "custom"
+    """reference: the paper's code (Du et al. 2024), one line away. It leaves the first phase
+    unmasked (migu.phases, when unset, becomes every phase but the first), keeps rows by the
+    quantile rule (migu.threshold: quantile) and, being mode grad, trains the masked weights
+    without weight decay (its AdamW had none). Set fields must agree with it (mode grad,
+    normalize none, selection magnitude, threshold quantile, weight_decay 0). custom: the
+    fields as given."""
     mode: Literal["grad", "update"] = "grad"
-    """grad: mask gradients only (AdamW moments and weight decay still move masked rows, as in
-    the reference code). update: masked rows do not move at all in that step."""
+    """grad: mask gradients only (AdamW momentum still moves masked rows, as in the reference
+    code; see migu.weight_decay). update: masked rows do not move at all in that step."""
+    threshold: Literal["topk", "quantile"] | None = None
+    """Which rows are kept. topk: exactly ceil(keep_ratio * rows), ties to the lower row index.
+    quantile (the reference code): rows whose magnitude is >= torch.quantile(magnitudes,
+    1 - keep_ratio) (linear interpolation), every tied row included, so more than
+    keep_ratio can be kept. None: quantile under recipe reference, else topk."""
+    weight_decay: float | None = None
+    """AdamW weight decay of the weights MIGU masks (the selected linears, or LoRA's A and B).
+    None: 0 in mode grad, optim.weight_decay in mode update. In mode grad a masked row gets no
+    gradient but decoupled decay would still shrink it every step (lr * weight_decay * w),
+    which the reference runs (AdamW, weight decay 0) never did; in mode update masked rows are
+    frozen anyway, so only kept rows decay. Other weights keep optim.weight_decay."""
     normalize: Literal["none", "l1_token"] = "none"
     """none: per-unit sum of |y| over tokens (reference code). l1_token: each token's |y| is
     divided by its L1 norm over units first, so every token weighs the same."""
@@ -252,10 +275,22 @@ class MiguConfig:
     start_step: NonNegativeInt = 0
     """Optimizer steps before masking starts (statistics are still not collected before)."""
     phases: list[str] | None = None
-    """Names of data phases in which masking is on; None means every phase. The reference
-    leaves the first task unmasked: list all phases but the first to match it."""
+    """Names of data phases in which masking is on; None means every phase (every phase but
+    the first under recipe reference, as in the reference code)."""
     selection: Literal["magnitude", "random"] = "magnitude"
     """magnitude: the method. random: the paper's ablation, a random mask with the same ratio."""
+
+    def masked_weight_decay(self, optim_weight_decay: float) -> float:
+        """The weight decay of the masked weights (see ``weight_decay``)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.0 if self.mode == "grad" else optim_weight_decay
+
+    def quantile_rule(self) -> bool:
+        """Whether rows are kept by the reference's quantile rule (see ``threshold``)."""
+        return (self.threshold or ("quantile" if self.recipe == "reference" else "topk")) == (
+            "quantile"
+        )
 
 
 _LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -603,16 +638,28 @@ def load_config(
     over, over_problems = parse_overrides(overrides or [])
     problems += over_problems
     cfg = _build(Config, _merge(data, over), "", problems)
+    resolve(cfg)
     problems += validate(cfg, world_size)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
+def resolve(cfg: Config) -> None:
+    """Fill the fields a recipe decides (so that the saved config states them)."""
+    mg = cfg.migu
+    if mg.recipe == "reference":
+        if mg.threshold is None:
+            mg.threshold = "quantile"
+        if mg.phases is None:
+            mg.phases = [ph.name for ph in cfg.data.phases[1:]]
+
+
 def config_from_dict(data: dict[str, Any], world_size: int = 1) -> Config:
     """Build and validate a config from a plain dict (as saved in a run directory)."""
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
+    resolve(cfg)
     problems += validate(cfg, world_size)
     if problems:
         raise ConfigError(problems)
@@ -673,6 +720,9 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
         p.append(f"engine.deepspeed_config: {cfg.engine.deepspeed_config!r} does not exist.")
+    if cfg.migu.weight_decay is not None and cfg.migu.weight_decay < 0:
+        p.append(f"migu.weight_decay: must be >= 0 (or unset), got {cfg.migu.weight_decay}.")
+    p += _validate_recipe(cfg.migu)
     import re
 
     for i, rx in enumerate(cfg.migu.include + cfg.migu.exclude):
@@ -745,6 +795,26 @@ def _check_ranges(value: Any, tp: Any, key: str) -> list[str]:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+def _validate_recipe(mg: MiguConfig) -> list[str]:
+    """Fields that contradict ``migu.recipe: reference``."""
+    if mg.recipe != "reference":
+        return []
+    reference = {"mode": "grad", "normalize": "none", "selection": "magnitude"}
+    reference["threshold"] = "quantile"
+    p = [
+        f"migu.{key}: {getattr(mg, key)} is not the reference recipe's ({value}); set {value} "
+        "or drop migu.recipe: reference."
+        for key, value in reference.items()
+        if getattr(mg, key) != value
+    ]
+    if mg.weight_decay:
+        p.append(
+            f"migu.weight_decay: {mg.weight_decay}; the reference recipe trains the masked "
+            "weights without weight decay: unset it or drop migu.recipe: reference."
+        )
+    return p
 
 
 def _validate_baselines(cfg: Config) -> list[str]:
