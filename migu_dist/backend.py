@@ -140,7 +140,8 @@ class Backend(abc.ABC):
             group["lr"] = o.lr * fn(sched.last_epoch)
             group["betas"] = (o.beta1, o.beta2)
             group["eps"] = o.eps
-            if group["weight_decay"]:  # the no-decay group (norms, biases) stays at 0
+            # The no-decay group (norms, biases) stays at 0; MIGU's masked weights keep theirs.
+            if group["weight_decay"] and not group.get("migu_masked"):
                 group["weight_decay"] = o.weight_decay
         sched._last_lr = [g["lr"] for g in opt.param_groups]
 
@@ -214,7 +215,7 @@ def adamw(model: nn.Module, cfg: Config, fused: bool = False) -> FreezableAdamW:
     groups = [
         {"params": decay, "weight_decay": o.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-        {"params": migu, "weight_decay": masked_decay},
+        {"params": migu, "weight_decay": masked_decay, "migu_masked": True},
     ]
     extra = {"fused": True} if fused else {}
     return FreezableAdamW(
