@@ -256,7 +256,7 @@ class MiguConfig:
     quantile (the reference code): rows whose magnitude is >= torch.quantile(magnitudes,
     1 - keep_ratio) (linear interpolation), every tied row included, so more than
     keep_ratio can be kept. None: quantile under recipe reference, else topk."""
-    weight_decay: float | None = None
+    weight_decay: NonNegativeFloat | None = None
     """AdamW weight decay of the weights MIGU masks (the selected linears, or LoRA's A and B).
     None: 0 in mode grad, optim.weight_decay in mode update. In mode grad a masked row gets no
     gradient but decoupled decay would still shrink it every step (lr * weight_decay * w),
@@ -720,8 +720,6 @@ def validate(cfg: Config, world_size: int) -> list[str]:
         )
     if cfg.engine.deepspeed_config and not Path(cfg.engine.deepspeed_config).is_file():
         p.append(f"engine.deepspeed_config: {cfg.engine.deepspeed_config!r} does not exist.")
-    if cfg.migu.weight_decay is not None and cfg.migu.weight_decay < 0:
-        p.append(f"migu.weight_decay: must be >= 0 (or unset), got {cfg.migu.weight_decay}.")
     p += _validate_recipe(cfg.migu)
     import re
 
