@@ -418,6 +418,11 @@ class EvalConfig:
     """Held-out tokens per domain for perplexity; the same tokens every time."""
     batch_size: PositiveInt = 4
     """Sequences per rank per evaluation forward."""
+    max_len: NonNegativeInt = 0
+    """Longest model input, in tokens, when scoring tasks; a longer prompt loses its oldest
+    tokens. 0: the model's ``max_position_embeddings``, as lm-evaluation-harness does (not
+    ``train.seq_len``: cutting long prompts, e.g. SciQ's, to the training length changes the
+    answers)."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """Downstream tasks."""
     tasks_at: Literal["every", "start_and_end"] = "every"

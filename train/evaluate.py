@@ -30,7 +30,8 @@ Multiple choice, the way lm-evaluation-harness scores ``multiple_choice`` tasks:
   (lm-eval ``add_bos_token=True``), or EOS with a tokenizer without BOS (Qwen2's), as
   lm-eval's ``prefix_token_id`` falls back to EOS;
 * score: the sum of log-probabilities of the continuation tokens; the model input is
-  ``(context + continuation)[-(max_len + 1):][:-1]`` (left truncation, as lm-eval);
+  ``(context + continuation)[-(max_len + 1):][:-1]`` (left truncation, as lm-eval), with
+  ``max_len`` the model's context length by default (:func:`task_max_len`), as lm-eval;
 * ``acc``: argmax of the sums is the gold index (first maximum wins, as ``np.argmax``);
   ``acc_norm``: argmax of sum / character length of the choice. Task files store each choice
   with its leading delimiter space (``" Paris"``) while lm-eval divides by the length of the
@@ -245,6 +246,12 @@ def encode_pair(
     return [prefix, *ctx], whole[len(ctx) :]
 
 
+def task_max_len(cfg: EvalConfig, model: nn.Module) -> int:
+    """Longest model input for task scoring: ``eval.max_len``, else the model's context length
+    (``config.max_position_embeddings``), which is lm-eval's ``max_length`` for the model."""
+    return cfg.max_len or int(model.config.max_position_embeddings)
+
+
 def choice_length(choice: str) -> int:
     """Characters lm-eval divides by for acc_norm: the choice without its leading delimiter."""
     bare = choice.removeprefix(" ")
@@ -326,16 +333,29 @@ def loglikelihoods(
     return _all_reduce_sum(lls).tolist()
 
 
-def accuracy(task: PreparedTask, lls: Sequence[float]) -> dict[str, Any]:
-    """acc and acc_norm from per-request log-likelihoods (first maximum wins on ties)."""
+def predictions(task: PreparedTask, lls: Sequence[float]) -> list[tuple[int, int]]:
+    """Per example, the chosen index by log-likelihood and by length-normalised log-likelihood
+    (first maximum wins on ties, as ``np.argmax``)."""
     per_example: list[list[float]] = [[] for _ in task.golds]
     for r, ll in enumerate(lls):
         per_example[task.example_of[r]].append(ll)
-    correct = correct_norm = 0
-    for scores, lens, gold in zip(per_example, task.choice_lens, task.golds):
+    preds = []
+    for scores, lens in zip(per_example, task.choice_lens):
         normed = [s / n for s, n in zip(scores, lens)]
-        correct += max(range(len(scores)), key=scores.__getitem__) == gold
-        correct_norm += max(range(len(normed)), key=normed.__getitem__) == gold
+        preds.append(
+            (
+                max(range(len(scores)), key=scores.__getitem__),
+                max(range(len(normed)), key=normed.__getitem__),
+            )
+        )
+    return preds
+
+
+def accuracy(task: PreparedTask, lls: Sequence[float]) -> dict[str, Any]:
+    """acc and acc_norm from per-request log-likelihoods (see :func:`predictions`)."""
+    preds = predictions(task, lls)
+    correct = sum(p == gold for (p, _), gold in zip(preds, task.golds))
+    correct_norm = sum(p == gold for (_, p), gold in zip(preds, task.golds))
     n = len(task.golds)
     return {
         "acc": correct / n if n else math.nan,

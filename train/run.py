@@ -61,7 +61,7 @@ def build_trainer(cfg: Config) -> Trainer:
 
     evaluator = None
     if cfg.eval.every_steps or cfg.eval.at_phase_end:
-        from train.evaluate import Evaluator
+        from train.evaluate import Evaluator, task_max_len
 
         evaluator = Evaluator(
             cfg.eval,
@@ -70,7 +70,7 @@ def build_trainer(cfg: Config) -> Trainer:
             cfg.output_dir,
             device=backend.device,
             is_main=backend.rank == 0,
-            max_len=cfg.train.seq_len,
+            max_len=task_max_len(cfg.eval, model),
         )
     trainer = Trainer(
         cfg, backend, data, migu=migu, regularizer=reg, evaluator=evaluator, checkpointer=ckpt
