@@ -9,6 +9,7 @@ load per model; our side scores with that same ``torch`` module.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,10 +30,12 @@ from train.tokenizer import load_tokenizer
 pytestmark = pytest.mark.slow
 
 TASKS = ["arc_easy", "sciq"]
-ITEMS = 50
-"""Items per task: the first ITEMS of the shipped file; SmolLM2 scores the first
-SMOLLM2_ITEMS of them (its forwards are most of this module's time)."""
-SMOLLM2_ITEMS = 16
+TRAINED_ITEMS = {t: list(range(50)) for t in TASKS}
+"""The tiny trained model scores the first 50 items of each shipped task."""
+SMOLLM2_ITEMS = {"arc_easy": [*range(14), 51, 69], "sciq": [*range(14), 40, 42]}
+"""SmolLM2's forwards are most of this module's time: 16 items per task, the first 14 and two
+on which acc_norm depends on whether the choice's leading space is counted (the test checks
+that they still do); SciQ's 1, 4, 5, 7, 12 and 40 are longer than 128 tokens."""
 LL_TOL = 2e-4
 """Absolute tolerance on one choice's log-likelihood, ours vs lm-eval (fp32, different batch
 shapes: observed differences are ~1e-5)."""
@@ -55,29 +58,32 @@ def _offline():
             os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory) -> Path:
-    """The first items of each shipped task as JSONL, each with its lm-eval task YAML."""
-    out = tmp_path_factory.mktemp("lm_eval_tasks")
-    for name in TASKS:
-        rows = ev.load_jsonl(ROOT / "data" / "tasks" / f"{name}.jsonl", ITEMS)
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_tasks(out: Path, items: dict[str, list[int]]) -> Path:
+    """The chosen items (line indices) of each shipped task as JSONL, with its lm-eval YAML."""
+    for name, lines in items.items():
+        rows = ev.load_jsonl(ROOT / "data" / "tasks" / f"{name}.jsonl")
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in lines))
         harness.write_jsonl_task(out, f"local_{name}", out / f"{name}.jsonl")
     return out
 
 
-def lm_eval_items(lm, task_dir: Path, limit: int) -> dict[str, list[dict]]:
-    """lm-eval's per-item results on the first ``limit`` items: {task: [sample] in doc order}."""
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    return write_tasks(tmp_path_factory.mktemp("lm_eval_tasks"), TRAINED_ITEMS)
+
+
+def lm_eval_items(lm, task_dir: Path) -> dict[str, list[dict]]:
+    """lm-eval's per-item results: {task: [sample] in doc order}."""
     tasks = harness.load_tasks([f"local_{t}" for t in TASKS], task_dir)
-    out = harness.evaluate(lm, tasks, limit=limit, log_samples=True)
+    out = harness.evaluate(lm, tasks, log_samples=True)
     return {t: sorted(out["samples"][f"local_{t}"], key=lambda s: s["doc_id"]) for t in TASKS}
 
 
-def our_items(model, tokenizer, task_dir: Path, max_len: int, limit: int) -> dict[str, tuple]:
+def our_items(model, tokenizer, task_dir: Path, max_len: int) -> dict[str, tuple]:
     """Our Evaluator's prepared tasks scored in this process: {task: (task, lls, preds)}."""
     cfg = EvalConfig(
         batch_size=4,
-        tasks=[TaskConfig(name=t, path=str(task_dir / f"{t}.jsonl"), limit=limit) for t in TASKS],
+        tasks=[TaskConfig(name=t, path=str(task_dir / f"{t}.jsonl")) for t in TASKS],
     )
     evaluator = ev.Evaluator(
         cfg, tokenizer, {}, task_dir / "ours", device="cpu", is_main=False, max_len=max_len
@@ -136,16 +142,25 @@ def smollm2_lm(smollm2_dir):
     return harness.hf_lm(smollm2_dir, batch_size=4)
 
 
-def test_smollm2_tasks_match_lm_eval_item_for_item(smollm2_lm, smollm2_dir, task_dir):
+def test_smollm2_tasks_match_lm_eval_item_for_item(smollm2_lm, smollm2_dir, tmp_path):
     model = smollm2_lm.model
     assert next(model.parameters()).dtype == torch.float32
     max_len = ev.task_max_len(EvalConfig(), model)
     assert max_len == smollm2_lm.max_length == 8192  # the model's context, as lm-eval
-    ours = our_items(model, load_tokenizer(str(smollm2_dir)), task_dir, max_len, SMOLLM2_ITEMS)
+    task_dir = write_tasks(tmp_path, SMOLLM2_ITEMS)
+    ours = our_items(model, load_tokenizer(str(smollm2_dir)), task_dir, max_len)
     # Some SciQ prompts are longer than a training sequence (128 in configs/experiments):
     # the case the evaluation once cut to seq_len.
-    assert max(len(i) for i in ours["sciq"][0].inputs) > 128
-    assert_item_parity(ours, lm_eval_items(smollm2_lm, task_dir, SMOLLM2_ITEMS))
+    assert sum(len(i) > 128 for i in ours["sciq"][0].inputs) == 6 * 4
+    theirs = lm_eval_items(smollm2_lm, task_dir)
+    assert_item_parity(ours, theirs)
+    # The items that tell the acc_norm conventions apart still do: dividing by the length
+    # with the leading space would fail them.
+    for name in TASKS:
+        task, lls, _ = ours[name]
+        with_space = [[n + 1 for n in lens] for lens in task.choice_lens]
+        other = ev.predictions(dataclasses.replace(task, choice_lens=with_space), lls)
+        assert [p for _, p in other] != [p for _, p in ev.predictions(task, lls)], name
 
 
 def test_smollm2_heldout_perplexity_matches_transformers(smollm2_lm, smollm2_dir):
@@ -210,8 +225,8 @@ def test_trained_checkpoint_matches_lm_eval(trained, trained_lm, task_dir):
     model = trained_lm.model
     max_len = ev.task_max_len(cfg.eval, model)
     assert max_len == trained_lm.max_length == cfg.model.max_position_embeddings
-    ours = our_items(model, load_tokenizer(cfg.data.tokenizer), task_dir, max_len, ITEMS)
-    aggregates = assert_item_parity(ours, lm_eval_items(trained_lm, task_dir, ITEMS))
+    ours = our_items(model, load_tokenizer(cfg.data.tokenizer), task_dir, max_len)
+    aggregates = assert_item_parity(ours, lm_eval_items(trained_lm, task_dir))
     # The in-job numbers (2 ranks, ZeRO-3) are the same counts over the same items.
     for name, (acc, acc_norm) in aggregates.items():
         assert (final["acc"][name], final["acc_norm"][name]) == (acc, acc_norm), name
