@@ -5,14 +5,15 @@
     python bench/bench_train.py --nproc 1 --peak-tflops 989 model.hidden_size=2048 ...  # GPU
 
     python bench/bench_train.py --precisions fp32,bf16 train.micro_batch_size=1 \
-        train.grad_accum=1 model.init_from=$(python scripts/get_model.py smollm2-135m)
+        train.grad_accum=1 model.init_from=$(python scripts/get_model.py smollm2-135m) \
+        engine.deepspeed_config=configs/deepspeed/zero3-cpu.json     # real model, both dtypes
 
-Two engines of the configured backend (DeepSpeed ZeRO-3 by default, through the same backend
-seam as training) over the same initial weights and the same batches: one plain, one
-with MIGU; with ``--precisions fp32,bf16`` that pair once per precision (four engines).
-Blocks of steps rotate through the engines so that drift on a shared machine hits all of
-them equally. Prints one JSON line: step time with and without MIGU, overhead, tokens/s,
-MFU (when --peak-tflops is given; FLOPs per token as logged in training, PaLM's
+One engine of the configured backend (DeepSpeed ZeRO-3 by default, through the same backend
+seam as training) per precision (``--precisions fp32,bf16``: two), on the same batches, with
+blocks of steps alternating between plain steps (MIGU's hooks idle, no masking) and MIGU
+steps. Blocks of steps rotate through (precision, plain | MIGU) so that drift on a shared
+machine hits all of them equally. Prints one JSON line: step time with and without MIGU,
+overhead, tokens/s, MFU (when --peak-tflops is given; FLOPs per token as logged in training, PaLM's
 6·N + 12·L·d·T), MIGU's all-reduce bytes vs the gradient bytes per step,
 and peak memory per rank; with several precisions these figures per precision under
 ``precisions``, and bf16's speed-up over fp32.
@@ -80,24 +81,26 @@ def main() -> None:
     cfg = load_config(None, base + args.overrides, world_size=world_size)
     precisions = args.precisions.split(",") if args.precisions else [cfg.engine.precision]
     torch.manual_seed(0)
-    # (precision, "plain" | "migu") -> (backend, Migu or None); one config per precision.
-    engines: dict[tuple[str, str], tuple] = {}
+    # One engine per precision, its MIGU attached throughout: "plain" steps switch MIGU's
+    # statistics off (its hooks return at once) and do not mask, "migu" steps are MIGU's.
+    # Step time does not depend on the weights' values, and one engine per precision halves
+    # the memory (a 135M model's four engines do not fit a 2-core machine's RAM).
+    engines: dict[str, tuple] = {}
     cfgs = {}
     for precision in precisions:
         over = [*base, *args.overrides, f"engine.precision={precision}"]
         cfgs[precision] = c = load_config(None, over, world_size=world_size)
         c.migu.enabled = True
-        for name in ("plain", "migu"):
-            backend = build_backend(c)
-            model = build_model(
-                c.model, seed=0, dtype=backend.param_dtype, init_context=backend.init_context()
-            )
-            fpt = flops_per_token(model, c.train.seq_len)
-            shape = model.config
-            migu = Migu(c.migu, model) if name == "migu" else None
-            backend.setup(model, lambda s: 1.0)
-            engines[precision, name] = (backend, migu)
-    n_params = sum(v.numel() for v in engines[precisions[0], "plain"][0].full_state_dict().values())
+        backend = build_backend(c)
+        model = build_model(
+            c.model, seed=0, dtype=backend.param_dtype, init_context=backend.init_context()
+        )
+        fpt = flops_per_token(model, c.train.seq_len)
+        migu = Migu(c.migu, model)
+        backend.setup(model, lambda s: 1.0)
+        engines[precision] = (backend, migu)
+    # Tied weights count once; a ZeRO-3 partitioned parameter counts whole.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     rank, world = backend.rank, backend.world_size
     t = cfg.train
     gen = torch.Generator().manual_seed(1 + rank)
@@ -107,11 +110,13 @@ def main() -> None:
     ]
 
     def one_step(key: tuple[str, str], i: int) -> None:
-        b, migu = engines[key]
+        precision, mode = key
+        b, migu = engines[precision]
+        migu.collecting = mode == "migu"
         for j in range(t.grad_accum):
             x = batches[(i * t.grad_accum + j) % len(batches)]
             b.forward_backward({"input_ids": x, "labels": x})
-        if migu is not None:
+        if mode == "migu":
             migu.apply(b, i, None)
             migu.reset()
         b.step()
@@ -129,11 +134,11 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return times
 
-    for key in engines:
+    order = [(p, mode) for p in precisions for mode in ("plain", "migu")]
+    for key in order:
         for i in range(args.warmup):
             one_step(key, i)
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in engines}
-    order = list(engines)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in order}
     for r in range(args.rounds):
         # Rotate the starting engine every round: none is always first after a pause.
         for key in order[r % len(order) :] + order[: r % len(order)]:
@@ -147,7 +152,7 @@ def main() -> None:
         for k, key in enumerate(times)
     }
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * world
-    stat_floats = sum(layer.stat.numel() for layer in engines[precisions[0], "migu"][1].layers)
+    stat_floats = sum(layer.stat.numel() for layer in migu.layers)
 
     def figures(precision: str) -> dict:
         """Step times, MIGU overhead, tokens/s, communication (and MFU) of one precision."""
@@ -192,9 +197,9 @@ def main() -> None:
             "params": n_params,
             "model": {
                 "init_from": cfg.model.init_from,
-                "hidden": shape.hidden_size,
-                "layers": shape.num_hidden_layers,
-                "vocab": shape.vocab_size,
+                "hidden": model.config.hidden_size,
+                "layers": model.config.num_hidden_layers,
+                "vocab": model.config.vocab_size,
             },  # fmt: skip
             "backend": cfg.engine.backend,
             "zero_stage": cfg.engine.zero_stage if cfg.engine.backend == "deepspeed" else None,
