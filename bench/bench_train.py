@@ -4,13 +4,19 @@
     python bench/bench_train.py engine.backend=fsdp2 model.compile=true   # any config override
     python bench/bench_train.py --nproc 1 --peak-tflops 989 model.hidden_size=2048 ...  # GPU
 
-Two engines of the configured backend (DeepSpeed ZeRO-3 by default, through the same backend
-seam as training) over the same initial weights and the same batches: one plain, one
-with MIGU. Blocks of steps alternate between them so that drift on a shared machine hits
-both equally. Prints one JSON line: step time with and without MIGU, overhead, tokens/s,
-MFU (when --peak-tflops is given; FLOPs per token as logged in training, PaLM's
+    python bench/bench_train.py --precisions fp32,bf16 train.micro_batch_size=1 \
+        train.grad_accum=1 model.init_from=$(python scripts/get_model.py smollm2-135m) \
+        engine.deepspeed_config=configs/deepspeed/zero3-cpu.json     # real model, both dtypes
+
+One engine of the configured backend (DeepSpeed ZeRO-3 by default, through the same backend
+seam as training) per precision (``--precisions fp32,bf16``: two), on the same batches, with
+blocks of steps alternating between plain steps (MIGU's hooks idle, no masking) and MIGU
+steps. Blocks of steps rotate through (precision, plain | MIGU) so that drift on a shared
+machine hits all of them equally. Prints one JSON line: step time with and without MIGU,
+overhead, tokens/s, MFU (when --peak-tflops is given; FLOPs per token as logged in training, PaLM's
 6·N + 12·L·d·T), MIGU's all-reduce bytes vs the gradient bytes per step,
-and peak memory per rank.
+and peak memory per rank; with several precisions these figures per precision under
+``precisions``, and bf16's speed-up over fp32.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="steps per block")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="hardware peak, for MFU")
+    p.add_argument(
+        "--precisions",
+        default="",
+        help="comma-separated engine.precision values measured side by side (e.g. fp32,bf16); "
+        "default: the config's",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides (dotted keys)")
     return p.parse_args()
 
@@ -64,23 +76,31 @@ def main() -> None:
         "data.phases=[{name: p, domains: {d: 1}}]",
         "data.domains={d: {train: [data/demo/code/heldout.jsonl]}}",
     ]  # fmt: skip
-    cfg = load_config(None, base + args.overrides, world_size=int(os.environ["WORLD_SIZE"]))
-    cfg.migu.enabled = True
+    load_at_start = os.getloadavg()[0]
+    world_size = int(os.environ["WORLD_SIZE"])
+    cfg = load_config(None, base + args.overrides, world_size=world_size)
+    precisions = args.precisions.split(",") if args.precisions else [cfg.engine.precision]
     torch.manual_seed(0)
-    engines = {}
-    init_state = None
-    for name in ("plain", "migu"):
-        backend = build_backend(cfg)
+    # One engine per precision, its MIGU attached throughout: "plain" steps switch MIGU's
+    # statistics off (its hooks return at once) and do not mask, "migu" steps are MIGU's.
+    # Step time does not depend on the weights' values, and one engine per precision halves
+    # the memory (a 135M model's four engines do not fit a 2-core machine's RAM).
+    engines: dict[str, tuple] = {}
+    cfgs = {}
+    for precision in precisions:
+        over = [*base, *args.overrides, f"engine.precision={precision}"]
+        cfgs[precision] = c = load_config(None, over, world_size=world_size)
+        c.migu.enabled = True
+        backend = build_backend(c)
         model = build_model(
-            cfg.model, seed=0, dtype=backend.param_dtype, init_context=backend.init_context()
+            c.model, seed=0, dtype=backend.param_dtype, init_context=backend.init_context()
         )
-        fpt = flops_per_token(model, cfg.train.seq_len)
-        migu = Migu(cfg.migu, model) if name == "migu" else None
+        fpt = flops_per_token(model, c.train.seq_len)
+        migu = Migu(c.migu, model)
         backend.setup(model, lambda s: 1.0)
-        if init_state is None:
-            init_state = backend.full_state_dict()
-        engines[name] = (backend, migu)
-    backend = engines["plain"][0]
+        engines[precision] = (backend, migu)
+    # Tied weights count once; a ZeRO-3 partitioned parameter counts whole.
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     rank, world = backend.rank, backend.world_size
     t = cfg.train
     gen = torch.Generator().manual_seed(1 + rank)
@@ -89,53 +109,77 @@ def main() -> None:
         for _ in range(8)
     ]
 
-    def one_step(name: str, i: int) -> None:
-        b, migu = engines[name]
+    def one_step(key: tuple[str, str], i: int) -> None:
+        precision, mode = key
+        b, migu = engines[precision]
+        migu.collecting = mode == "migu"
         for j in range(t.grad_accum):
             x = batches[(i * t.grad_accum + j) % len(batches)]
             b.forward_backward({"input_ids": x, "labels": x})
-        if migu is not None:
+        if mode == "migu":
             migu.apply(b, i, None)
             migu.reset()
         b.step()
 
-    def timed_block(name: str, start: int) -> list[float]:
+    def timed_block(key: tuple[str, str], start: int) -> list[float]:
         times = []
         for i in range(start, start + args.steps):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             torch.distributed.barrier()
             t0 = time.perf_counter()
-            one_step(name, i)
+            one_step(key, i)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         return times
 
-    for name in engines:
+    order = [(p, mode) for p in precisions for mode in ("plain", "migu")]
+    for key in order:
         for i in range(args.warmup):
-            one_step(name, i)
-    times: dict[str, list[float]] = {"plain": [], "migu": []}
+            one_step(key, i)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in order}
     for r in range(args.rounds):
-        order = ("plain", "migu") if r % 2 == 0 else ("migu", "plain")
-        for name in order:
-            times[name] += timed_block(name, args.warmup + r * args.steps)
+        # Rotate the starting engine every round: none is always first after a pause.
+        for key in order[r % len(order) :] + order[: r % len(order)]:
+            times[key] += timed_block(key, args.warmup + r * args.steps)
 
     # Every rank's view: take the slowest rank per step (that is the step time).
     per_rank = [None] * world
-    torch.distributed.all_gather_object(per_rank, times)
-    step_times = {
-        k: [max(rt[k][i] for rt in per_rank) for i in range(len(times[k]))] for k in times
+    torch.distributed.all_gather_object(per_rank, list(times.values()))
+    med = {
+        key: statistics.median(max(rt[k][i] for rt in per_rank) for i in range(len(times[key])))
+        for k, key in enumerate(times)
     }
-    med = {k: statistics.median(v) for k, v in step_times.items()}
     tokens_per_step = t.micro_batch_size * t.grad_accum * t.seq_len * world
-    n_params = sum(v.numel() for v in init_state.values()) if init_state else 0
-    migu = engines["migu"][1]
     stat_floats = sum(layer.stat.numel() for layer in migu.layers)
-    bf16 = use_bf16(cfg)
-    # Bytes of gradient reduced per step: DeepSpeed reduces bf16 gradients in bf16, FSDP2's
-    # mixed-precision policy here reduces in fp32.
-    grad_bytes = n_params * (2 if bf16 and cfg.engine.backend == "deepspeed" else 4)
+
+    def figures(precision: str) -> dict:
+        """Step times, MIGU overhead, tokens/s, communication (and MFU) of one precision."""
+        c = cfgs[precision]
+        plain, with_migu = med[precision, "plain"], med[precision, "migu"]
+        bf16 = use_bf16(c)
+        # Bytes of gradient reduced per step: DeepSpeed reduces bf16 gradients in bf16, FSDP2's
+        # mixed-precision policy here reduces in fp32.
+        grad_bytes = n_params * (2 if bf16 and c.engine.backend == "deepspeed" else 4)
+        out = {
+            "precision": "bf16" if bf16 else "fp32",
+            "step_s_plain": round(plain, 5),
+            "step_s_migu": round(with_migu, 5),
+            "migu_overhead_pct": round(100 * (with_migu / plain - 1), 2),
+            "tokens_per_s_plain": round(tokens_per_step / plain, 1),
+            "tokens_per_s_migu": round(tokens_per_step / with_migu, 1),
+            "migu_allreduce_bytes_per_step": stat_floats * 4,
+            "grad_bytes_per_step": grad_bytes,
+            "migu_comm_vs_grad": round(stat_floats * 4 / grad_bytes, 6),
+        }
+        if args.peak_tflops:
+            peak = args.peak_tflops * 1e12 * world
+            out["peak_tflops_per_device"] = args.peak_tflops
+            out["mfu_pct_plain"] = round(100 * fpt * tokens_per_step / plain / peak, 2)
+            out["mfu_pct_migu"] = round(100 * fpt * tokens_per_step / with_migu / peak, 2)
+        return out
+
     if torch.cuda.is_available():
         peak_mem = torch.cuda.max_memory_allocated() / 2**20
         hardware = torch.cuda.get_device_name()
@@ -145,40 +189,33 @@ def main() -> None:
     mems = [None] * world
     torch.distributed.all_gather_object(mems, peak_mem)
     if rank == 0:
-        tps = tokens_per_step / med["plain"]
         out = {
             "bench": "train_migu_overhead",
             "hardware": hardware,
+            "load_avg_1m": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],  # start, end
             "world_size": world,
             "params": n_params,
             "model": {
-                "hidden": cfg.model.hidden_size,
-                "layers": cfg.model.num_layers,
-                "vocab": cfg.model.vocab_size,
+                "init_from": cfg.model.init_from,
+                "hidden": model.config.hidden_size,
+                "layers": model.config.num_hidden_layers,
+                "vocab": model.config.vocab_size,
             },  # fmt: skip
             "backend": cfg.engine.backend,
             "zero_stage": cfg.engine.zero_stage if cfg.engine.backend == "deepspeed" else None,
             "compile": cfg.model.compile,
             "activation_checkpointing": cfg.model.activation_checkpointing,
             "seq_len": t.seq_len,
-            "precision": "bf16" if bf16 else "fp32",
             "tokens_per_step": tokens_per_step,
-            "steps_timed_each": len(step_times["plain"]),
-            "step_s_plain": round(med["plain"], 5),
-            "step_s_migu": round(med["migu"], 5),
-            "migu_overhead_pct": round(100 * (med["migu"] / med["plain"] - 1), 2),
-            "tokens_per_s_plain": round(tps, 1),
-            "tokens_per_s_migu": round(tokens_per_step / med["migu"], 1),
-            "migu_allreduce_bytes_per_step": stat_floats * 4,
-            "grad_bytes_per_step": grad_bytes,
-            "migu_comm_vs_grad": round(stat_floats * 4 / grad_bytes, 6),
-            "peak_mem_mib_per_rank": [round(m, 1) for m in mems],
+            "steps_timed_each": args.rounds * args.steps,
         }
-        if args.peak_tflops:
-            peak = args.peak_tflops * 1e12 * world
-            out["peak_tflops_per_device"] = args.peak_tflops
-            out["mfu_pct_plain"] = round(100 * fpt * tps / peak, 2)
-            out["mfu_pct_migu"] = round(100 * fpt * tokens_per_step / med["migu"] / peak, 2)
+        if len(precisions) == 1:
+            out.update(figures(precisions[0]))
+        else:
+            out["precisions"] = {p: figures(p) for p in precisions}
+            if {"fp32", "bf16"} <= set(precisions):
+                out["bf16_speedup_plain"] = round(med["fp32", "plain"] / med["bf16", "plain"], 3)
+        out["peak_mem_mib_per_rank"] = [round(m, 1) for m in mems]
         print(json.dumps(out), flush=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,20 @@ def test_resolved_config_round_trips(tmp_path, monkeypatch):
     assert again == cfg
 
 
+# Configs that start from a real model fetched by scripts/get_model.py (the fixture fetches it).
+REAL_MODEL_CONFIGS = {"smollm2-135m-cpu.yaml": "smollm2_dir"}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_pass_dry_run(path):
+def test_shipped_configs_pass_dry_run(path, request):
+    over = []
+    if path.name in REAL_MODEL_CONFIGS:
+        model_dir = request.getfixturevalue(REAL_MODEL_CONFIGS[path.name])
+        if "MIGU_CPT_CACHE" in os.environ:  # not the default ~/.cache location the file names
+            over = [f"model.init_from={model_dir}", f"data.tokenizer={model_dir}"]
     proc = subprocess.run(
-        [sys.executable, "launch/cpt.py", "--config", str(path.relative_to(ROOT)), "--dry-run"],
+        [sys.executable, "launch/cpt.py", "--config", str(path.relative_to(ROOT)), "--dry-run"]
+        + over,
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -91,6 +102,9 @@ def test_shipped_configs_pass_dry_run(path):
     assert proc.returncode == 0, proc.stderr
     printed = yaml.safe_load(proc.stdout)
     assert printed["engine"]["backend"] == "deepspeed"
+    if path.name in REAL_MODEL_CONFIGS:  # "~/.cache/..." was expanded (and exists)
+        assert Path(printed["model"]["init_from"]) == model_dir
+        assert Path(printed["data"]["tokenizer"]) == model_dir
 
 
 def test_cli_reports_config_errors_with_exit_code_2():

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ class ModelConfig:
     refused when the config is validated. Loading is strict: a weight missing from the
     directory, one the model does not have, or one of another shape is an error (a tied
     ``lm_head.weight`` may be absent; stored ``rotary_emb.inv_freq`` buffers are ignored, as
-    they are computed from the config)."""
+    they are computed from the config). A leading ``~`` is expanded."""
     vocab_size: PositiveInt = 32000
     """Vocabulary size; must cover the tokenizer's ids."""
     hidden_size: PositiveInt = 64
@@ -364,7 +365,8 @@ class DataConfig:
     """Tokenizer, domains and the ordered phases."""
 
     tokenizer: str = "data/tokenizer"
-    """SentencePiece .model file or a Hugging Face tokenizer directory."""
+    """SentencePiece .model file or a Hugging Face tokenizer directory (a leading ``~`` is
+    expanded)."""
     domains: dict[str, DomainConfig] = field(default_factory=dict)
     """Named domains."""
     phases: list[PhaseConfig] = field(default_factory=list)
@@ -651,7 +653,12 @@ def load_config(
 
 
 def resolve(cfg: Config) -> None:
-    """Fill the fields a recipe decides (so that the saved config states them)."""
+    """Fill the fields a recipe decides and expand ``~`` in the paths that usually point
+    outside the repository (a model cache), so that the saved config states them."""
+    if isinstance(cfg.model.init_from, str):
+        cfg.model.init_from = os.path.expanduser(cfg.model.init_from)
+    if isinstance(cfg.data.tokenizer, str):
+        cfg.data.tokenizer = os.path.expanduser(cfg.data.tokenizer)
     mg = cfg.migu
     if mg.recipe == "reference":
         if mg.threshold is None:
