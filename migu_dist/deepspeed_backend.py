@@ -261,8 +261,7 @@ class DeepSpeedBackend(Backend):
         if self.zero_stage == 0:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]  # bf16 too
-            norms = torch.stack(norms) if grads else torch.zeros(1)
-            return float(torch.linalg.vector_norm(norms))
+            return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.engine.module.parameters():
             if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:

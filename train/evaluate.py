@@ -249,7 +249,8 @@ def encode_pair(
 def task_max_len(cfg: EvalConfig, model: nn.Module) -> int:
     """Longest model input for task scoring: ``eval.max_len``, else the model's context length
     (``config.max_position_embeddings``), which is lm-eval's ``max_length`` for the model."""
-    return cfg.max_len or int(model.config.max_position_embeddings)
+    config: Any = model.config
+    return cfg.max_len or int(config.max_position_embeddings)
 
 
 def choice_length(choice: str) -> int:
