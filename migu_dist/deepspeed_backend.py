@@ -175,6 +175,8 @@ class DeepSpeedBackend(Backend):
 
     def grad_fragments(self, param: Any) -> Iterator[GradFragment]:
         # ``param``: an nn.Parameter carrying DeepSpeed's attributes (ds_id, _hp_mapping, ...)
+        if not param.requires_grad:  # frozen (LoRA's base): no gradient, no optimizer entry
+            return
         if hasattr(param, "ds_id"):  # ZeRO-3
             opt = param._z3_optimizer
             part = param.partition_numel()
