@@ -331,14 +331,26 @@ class RegularizationConfig:
 
 @dataclass
 class DomainConfig:
-    """One text domain: where its documents are."""
+    """One text domain: where its documents are. Training data comes from exactly one of
+    ``train`` (files, tokenised by every rank as it trains), ``store`` (tokenised once by
+    ``launch/tokenize.py``) or ``dataset`` (a ``datasets`` directory); domains of one run may
+    use different ones. Paths may be ``fsspec`` URLs (``s3://``, ``gs://``, ``hf://``) except
+    ``dataset``; credentials never go here (see README, "Data at scale")."""
 
     train: list[str] = field(default_factory=list)
-    """Globs of training files (.jsonl, .json, .parquet, .txt, optionally .gz/.zst)."""
+    """Globs of training files (.jsonl, .json, .parquet, .txt, optionally .gz/.zst), local or
+    ``fsspec`` URLs, read in glob order (pattern by pattern, sorted)."""
+    store: str | None = None
+    """Token store directory or URL written by ``launch/tokenize.py`` from this domain's
+    files: the same batches as ``train`` with those files, without tokenising. Its tokenizer
+    must be ``data.tokenizer`` and its add_bos/add_eos this config's (both checked)."""
+    dataset: str | None = None
+    """Local ``datasets`` directory: a ``save_to_disk`` dataset (one split), a directory of
+    ``.arrow`` files or of ``.parquet`` files; read by row index (exact O(1) resume)."""
     heldout: list[str] = field(default_factory=list)
-    """Globs of held-out files for perplexity evaluation."""
+    """Globs of held-out files for perplexity evaluation (files only, local or URLs)."""
     text_field: str = "text"
-    """Field holding the document text (JSON/Parquet)."""
+    """Field holding the document text (JSON/Parquet/datasets column)."""
 
 
 @dataclass
@@ -848,20 +860,43 @@ def _validate_baselines(cfg: Config) -> list[str]:
 def _validate_data(cfg: Config) -> list[str]:
     import glob
 
+    from train.data.fs import is_url, url_problem
+
     p: list[str] = []
     d = cfg.data
     tok = Path(d.tokenizer)
     if not (tok.is_file() or tok.is_dir()):
         p.append(f"data.tokenizer: {d.tokenizer!r} does not exist; give a .model file or HF dir.")
     for name, dom in d.domains.items():
-        if not dom.train:
-            p.append(f"data.domains.{name}.train: no files given; list one or more globs.")
-        for key, globs in (("train", dom.train), ("heldout", dom.heldout)):
+        key = f"data.domains.{name}"
+        given = [k for k in ("train", "store", "dataset") if getattr(dom, k)]
+        if not given:
+            p.append(f"{key}.train: no files given; list one or more globs (or set store/dataset).")
+        elif len(given) > 1:
+            p.append(
+                f"{key}: {' and '.join(given)} are both set; a domain reads exactly one of "
+                "train (files), store (token store) or dataset (datasets directory)."
+            )
+        urls = [*dom.train, *dom.heldout, *([dom.store] if dom.store else [])]
+        p += [x for x in (url_problem(u, key) for u in urls) if x]
+        if dom.store and not is_url(dom.store) and not Path(dom.store, "manifest.json").is_file():
+            p.append(
+                f"{key}.store: {dom.store!r} has no manifest.json; write the store with "
+                f"launch/tokenize.py --config <this config> --domain {name} --out {dom.store}."
+            )
+        if dom.dataset:
+            if is_url(dom.dataset):
+                p.append(f"{key}.dataset: must be a local directory; copy it or use train/store.")
+            elif not Path(dom.dataset).is_dir():
+                p.append(f"{key}.dataset: {dom.dataset!r} is not a directory.")
+        for k, globs in (("train", dom.train), ("heldout", dom.heldout)):
             for g in globs:
+                if is_url(g):  # checked when read: listing a bucket needs its credentials
+                    continue
                 if not glob.glob(g, recursive=True):
                     p.append(
-                        f"data.domains.{name}.{key}: {g!r} matches no file; fix the path or "
-                        "run from the repository root."
+                        f"{key}.{k}: {g!r} matches no file; fix the path or run from the "
+                        "repository root."
                     )
     if not d.phases:
         p.append("data.phases: at least one phase is needed, e.g. [{name: p1, domains: {x: 1}}].")

@@ -8,6 +8,9 @@ state resumes any other's). The price is that every rank tokenises the whole glo
 ``bench/bench_data.py`` measures the throughput this allows (well above what a GPU consumes).
 Rows other ranks keep are tokenised but never copied out of the worker.
 
+Token-store domains (``store.py``) produce the same rows from a memory-mapped array instead:
+a rank reads only its own rows, and its state is one number, the tokens consumed.
+
 Resume: the state is the step counter (the mixture RNG is counter-based), per domain the
 position of the document in progress and how many of its tokens were emitted, token counters
 and bad-input counts, all taken at the last batch handed out, not at the workers' read-ahead.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import glob
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +29,10 @@ import torch
 
 from train.config import DataConfig
 from train.data.mixture import PhasePlan, plan_phases, step_domains
+from train.data import fs
+from train.data.hfdatasets import dataset_kind
 from train.data.sources import BadInputLog, DocumentReader, Position
+from train.data.store import TokenStore
 from train.data.stream import document_affixes
 from train.data.workers import Chunk, InlineExecutor, ProcessExecutor, StreamSpec
 from train.tokenizer import Tokenizer
@@ -50,10 +55,11 @@ class Batch:
 
 
 def expand_globs(patterns: list[str]) -> list[str]:
-    """Files of ``patterns`` in a stable order: pattern by pattern, sorted, without repeats."""
+    """Files of ``patterns`` in a stable order: pattern by pattern, sorted, without repeats.
+    ``fsspec`` URL patterns (``s3://bucket/x/*.jsonl``) give URLs."""
     files: dict[str, None] = {}
     for pattern in patterns:
-        files.update(dict.fromkeys(sorted(glob.glob(pattern, recursive=True))))
+        files.update(dict.fromkeys(fs.expand(pattern)))
     return list(files)
 
 
@@ -91,14 +97,32 @@ class CPTDataLoader:
         for ph in cfg.phases:
             used.update(dict.fromkeys(ph.domains))
         self._domains = list(used)
-        files = {}
+        files: dict[str, list[str]] = {}
+        stores: dict[str, str] = {}
+        datasets: set[str] = set()
+        document_affixes(tokenizer, cfg.add_bos, cfg.add_eos)  # its error here, not in a worker
         for d in self._domains:
             if d not in cfg.domains:
                 raise ValueError(f"a phase names domain {d!r}, which data.domains does not define")
-            files[d] = expand_globs(cfg.domains[d].train)
+            dom = cfg.domains[d]
+            if dom.store:
+                # Opened here too, so that a wrong store fails now, in the training process.
+                TokenStore(dom.store).check(
+                    tokenizer, cfg.add_bos, cfg.add_eos, f"data.domains.{d}.store"
+                )
+                stores[d], files[d] = dom.store, []
+                continue
+            if dom.dataset:
+                try:
+                    kind, files[d] = dataset_kind(dom.dataset)
+                except ValueError as e:
+                    raise ValueError(f"data.domains.{d}.dataset: {e}") from None
+                if kind == "dataset":
+                    datasets.add(d)
+                continue
+            files[d] = expand_globs(dom.train)
             if not files[d]:
                 raise ValueError(f"domain {d!r}: its train globs match no file")
-        document_affixes(tokenizer, cfg.add_bos, cfg.add_eos)  # its error here, not in a worker
         self._spec = StreamSpec(
             files=files,
             text_fields={d: cfg.domains[d].text_field for d in self._domains},
@@ -108,6 +132,8 @@ class CPTDataLoader:
             add_eos=cfg.add_eos,
             position_ids=cfg.document_position_ids,
             max_document_bytes=cfg.max_document_bytes,
+            stores=stores,
+            datasets=datasets,
         )
         self._step = 0
         self._states: dict[str, dict[str, Any]] = {}

@@ -18,12 +18,14 @@ import copy
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import zstandard
+
+from train.data import fs
 
 _BLOCK = 1 << 20
 _SAMPLE_CHARS = 160
@@ -87,6 +89,8 @@ class BadInputLog:
 
 
 def _open_binary(path: str) -> BinaryIO:
+    if fs.is_url(path):  # fsspec decompresses too; closing the result closes the chain
+        return cast(BinaryIO, fs.open_binary(path, compressed=True))
     if path.endswith(".gz"):
         return cast(BinaryIO, gzip.open(path, "rb"))
     if path.endswith(".zst"):
@@ -214,7 +218,7 @@ def _json_array_records(path: str, offset: int, text_field: str) -> Iterator[Rec
 def _parquet_records(path: str, offset: int, text_field: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(fs.open_binary(path) if fs.is_url(path) else path)
     if text_field not in pf.schema_arrow.names:
         n = pf.metadata.num_rows
         yield Record(offset, n, None, "missing_field", f"no column {text_field!r}")
@@ -281,7 +285,10 @@ class DocumentReader:
         bad: BadInputLog,
         wrap: bool = True,
         max_bytes: int | None = None,
+        records: Callable[[str, int, str, int | None], Iterator[Record]] | None = None,
     ):
+        """``records``: how one entry of ``files`` is read from an offset (default
+        :func:`file_records`; ``hfdatasets.dataset_records`` for an Arrow dataset)."""
         self.name = name
         self.files = files
         self.text_field = text_field
@@ -289,6 +296,7 @@ class DocumentReader:
         self.bad = bad
         self.wrap = wrap
         self.max_bytes = max_bytes
+        self.records = records or file_records
         self.exhausted = False
         self._records: Iterator[Record] | None = None
         self._docs_this_epoch = 0 if start == Position(0, 0, start.epoch) else 1
@@ -324,7 +332,7 @@ class DocumentReader:
             p = self.position
             path = self.files[p.file_index]
             if self._records is None:
-                self._records = file_records(path, p.offset, self.text_field, self.max_bytes)
+                self._records = self.records(path, p.offset, self.text_field, self.max_bytes)
             try:
                 rec = next(self._records)
             except StopIteration:

@@ -12,13 +12,13 @@ the state stays a few numbers however long the document is.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from typing import Any
 
 import numpy as np
 
-from train.data.sources import BadInputLog, DocumentReader, Position
+from train.data.sources import BadInputLog, DocumentReader, Position, Record
 from train.tokenizer import Tokenizer
 
 # Documents tokenised per encode_batch call (or fewer once this many characters are read).
@@ -61,8 +61,15 @@ class PackedStream:
         position_ids: bool,
         max_document_bytes: int | None = None,
         state: dict[str, Any] | None = None,
+        records: Callable[[str, int, str, int | None], Iterator[Record]] | None = None,
     ):
+        """``records``: how an entry of ``files`` is read (see ``DocumentReader``)."""
         state = state or initial_state()
+        if "cursor" in state:
+            raise ValueError(
+                f"domain {name!r}: the checkpoint read this domain from a token store, this "
+                "run from files; a domain cannot switch between them mid-run"
+            )
         i = state["file_index"]
         if state["path"] is not None and (i >= len(files) or files[i] != state["path"]):
             now = files[i] if i < len(files) else "no file"
@@ -80,7 +87,7 @@ class PackedStream:
         self.bad = BadInputLog(state["bad"])
         start = Position(state["file_index"], state["offset"], state["epoch"])
         self.reader = DocumentReader(
-            name, files, text_field, start, self.bad, max_bytes=max_document_bytes
+            name, files, text_field, start, self.bad, max_bytes=max_document_bytes, records=records
         )
         self._tokens = np.zeros(0, dtype=np.int32)
         self._cursor = 0

@@ -22,12 +22,14 @@ import sys
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from train.data.hfdatasets import dataset_records
+from train.data.store import StoreStream
 from train.data.stream import PackedStream
 from train.tokenizer import Tokenizer
 
@@ -49,8 +51,20 @@ class StreamSpec:
     add_eos: bool
     position_ids: bool
     max_document_bytes: int | None = None
+    stores: dict[str, str] = field(default_factory=dict)
+    """Domains read from a token store: domain -> store path or URL (``files`` unused)."""
+    datasets: set[str] = field(default_factory=set)
+    """Domains whose single ``files`` entry is a ``datasets`` Arrow directory."""
 
-    def build(self, domain: str, state: dict[str, Any] | None) -> PackedStream:
+    def build(self, domain: str, state: dict[str, Any] | None) -> PackedStream | StoreStream:
+        if domain in self.stores:
+            return StoreStream(
+                domain,
+                self.stores[domain],
+                self.seq_len,
+                position_ids=self.position_ids,
+                state=state,
+            )
         return PackedStream(
             domain,
             self.files[domain],
@@ -62,6 +76,7 @@ class StreamSpec:
             position_ids=self.position_ids,
             max_document_bytes=self.max_document_bytes,
             state=state,
+            records=dataset_records if domain in self.datasets else None,
         )
 
 
@@ -83,7 +98,7 @@ class _Streams:
     def __init__(self, spec: StreamSpec, states: dict[str, dict[str, Any]]):
         self.spec = spec
         self.states = states
-        self.streams: dict[str, PackedStream] = {}
+        self.streams: dict[str, PackedStream | StoreStream] = {}
 
     def run(self, step: int, domain: str, keep: list[bool]) -> Chunk:
         stream = self.streams.get(domain)
