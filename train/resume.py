@@ -315,15 +315,29 @@ def prepare_resume(
 
 def data_fingerprint(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     """Per training domain, every file (in reading order) with its size and a hash of its
-    first and last :data:`FINGERPRINT_BLOCK` bytes."""
+    first and last :data:`FINGERPRINT_BLOCK` bytes. A token store is one entry: its token
+    count and ``store_id`` (a hash over its shards' checksums); a ``datasets`` directory is
+    its data files."""
+    from train.data import fs
     from train.data.loader import expand_globs
 
     out: dict[str, list[dict[str, Any]]] = {}
     for name, dom in cfg.data.domains.items():
+        if dom.store:
+            from train.data.store import read_manifest
+
+            m = read_manifest(dom.store)
+            out[name] = [{"path": dom.store, "size": m["num_tokens"], "head_tail": m["store_id"]}]
+            continue
+        if dom.dataset:
+            paths = sorted(str(p) for p in Path(dom.dataset).glob("*.*") if p.is_file())
+        else:
+            paths = expand_globs(dom.train)
         files = []
-        for path in expand_globs(dom.train):
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+        for path in paths:
+            with fs.open_binary(path) as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
                 h = hashlib.blake2b(f.read(FINGERPRINT_BLOCK), digest_size=16)
                 if size > FINGERPRINT_BLOCK:
                     f.seek(max(FINGERPRINT_BLOCK, size - FINGERPRINT_BLOCK))

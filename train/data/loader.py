@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from train.config import DataConfig
-from train.data.mixture import PhasePlan, plan_phases, step_domains
 from train.data import fs
 from train.data.hfdatasets import dataset_kind
+from train.data.mixture import PhasePlan, plan_phases, step_domains
 from train.data.sources import BadInputLog, DocumentReader, Position
 from train.data.store import TokenStore
 from train.data.stream import document_affixes
