@@ -1,4 +1,4 @@
-"""Token stores (launch/tokenize.py, train/data/store.py), ``datasets`` directories and fsspec
+"""Token stores (launch/pretokenize.py, train/data/store.py), ``datasets`` directories and fsspec
 URLs as domain sources.
 
 The reference is always the file-based streaming pipeline on the same documents: a store, a
@@ -34,8 +34,8 @@ SEQ = 384  # long enough for the small domain a to wrap into further epochs
 
 
 def tokenize(*args: str) -> None:
-    """launch/tokenize.py in this process (its worker pool is real processes)."""
-    from launch.tokenize import main
+    """launch/pretokenize.py in this process (its worker pool is real processes)."""
+    from launch.pretokenize import main
 
     assert main([*args, "--workers", "2"]) == 0
 
@@ -88,7 +88,7 @@ def assert_same(got: list, want: list) -> None:
 
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory, tok: Tokenizer) -> Path:  # noqa: F811 - tok is a fixture
-    """The corpus, and domain a's token store made by launch/tokenize.py."""
+    """The corpus, and domain a's token store made by launch/pretokenize.py."""
     tmp = tmp_path_factory.mktemp("store")
     corpus(tmp)
     tokenize(str(tmp / "src" / "a-*.jsonl"), "--tokenizer", str(SP_MODEL), "--out", str(tmp / "a"))
@@ -147,7 +147,7 @@ def test_tokenize_skips_finished_shards_and_writes_the_training_stream(
     assert (out / "shard-00000.tokens").stat().st_mtime_ns == first_mtime
     assert not list(out.glob("*.tmp"))
     assert json.loads((out / "manifest.json").read_text())["store_id"] == manifest["store_id"]
-    from launch.tokenize import main
+    from launch.pretokenize import main
 
     assert main(["--out", str(out), "--verify"]) == 0
     data = bytearray((out / "shard-00000.tokens").read_bytes())

@@ -333,7 +333,7 @@ class RegularizationConfig:
 class DomainConfig:
     """One text domain: where its documents are. Training data comes from exactly one of
     ``train`` (files, tokenised by every rank as it trains), ``store`` (tokenised once by
-    ``launch/tokenize.py``) or ``dataset`` (a ``datasets`` directory); domains of one run may
+    ``launch/pretokenize.py``) or ``dataset`` (a ``datasets`` directory); domains of one run may
     use different ones. Paths may be ``fsspec`` URLs (``s3://``, ``gs://``, ``hf://``) except
     ``dataset``; credentials never go here (see README, "Data at scale")."""
 
@@ -341,7 +341,7 @@ class DomainConfig:
     """Globs of training files (.jsonl, .json, .parquet, .txt, optionally .gz/.zst), local or
     ``fsspec`` URLs, read in glob order (pattern by pattern, sorted)."""
     store: str | None = None
-    """Token store directory or URL written by ``launch/tokenize.py`` from this domain's
+    """Token store directory or URL written by ``launch/pretokenize.py`` from this domain's
     files: the same batches as ``train`` with those files, without tokenising. Its tokenizer
     must be ``data.tokenizer`` and its add_bos/add_eos this config's (both checked)."""
     dataset: str | None = None
@@ -882,7 +882,7 @@ def _validate_data(cfg: Config) -> list[str]:
         if dom.store and not is_url(dom.store) and not Path(dom.store, "manifest.json").is_file():
             p.append(
                 f"{key}.store: {dom.store!r} has no manifest.json; write the store with "
-                f"launch/tokenize.py --config <this config> --domain {name} --out {dom.store}."
+                f"launch/pretokenize.py --config <this config> --domain {name} --out {dom.store}."
             )
         if dom.dataset:
             if is_url(dom.dataset):

@@ -1,4 +1,4 @@
-"""Pre-tokenised token stores: written once by ``launch/tokenize.py``, read by every run.
+"""Pre-tokenised token stores: written once by ``launch/pretokenize.py``, read by every run.
 
 A store is a directory (local, or an ``fsspec`` URL) holding, per source file in the domain's
 reading order, one shard:
@@ -242,7 +242,7 @@ def read_manifest(root: str) -> dict[str, Any]:
             manifest = json.loads(f.read())
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"token store {root!r} has no {MANIFEST}: it does not exist or launch/tokenize.py "
+            f"token store {root!r} has no {MANIFEST}: it does not exist or launch/pretokenize.py "
             "did not finish writing it (run it again: finished shards are kept)"
         ) from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -280,7 +280,7 @@ class TokenStore:
                 if not path.is_file() or path.stat().st_size != expect:
                     raise ValueError(
                         f"token store {root!r}: {path.name} is missing or not {expect} bytes "
-                        "long; copy the store again or re-run launch/tokenize.py"
+                        "long; copy the store again or re-run launch/pretokenize.py"
                     )
 
     @property
@@ -295,7 +295,7 @@ class TokenStore:
                 f"{key}: token store {self.root!r} was made with another tokenizer (sha256 "
                 f"{made['sha256'][:12]}..., vocab {made['vocab_size']}) than data.tokenizer "
                 f"(sha256 {mine['sha256'][:12]}..., vocab {mine['vocab_size']}); its ids would "
-                "be wrong for this model. Re-run launch/tokenize.py with data.tokenizer, or "
+                "be wrong for this model. Re-run launch/pretokenize.py with data.tokenizer, or "
                 "point data.tokenizer at the store's tokenizer."
             )
         opts = self.manifest["options"]
@@ -303,7 +303,7 @@ class TokenStore:
             if opts[name] != want:
                 raise ValueError(
                     f"{key}: token store {self.root!r} was made with {name}={opts[name]}, this "
-                    f"run has data.{name}={want}; re-run launch/tokenize.py with the run's "
+                    f"run has data.{name}={want}; re-run launch/pretokenize.py with the run's "
                     "data settings (--config)"
                 )
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Tokenise a domain's files once into a token store (see ``train/data/store.py``).
 
-    python launch/tokenize.py --config configs/tiny-cpu.yaml --domain legal --out stores/legal
-    python launch/tokenize.py --tokenizer data/tokenizer/tokenizer.model --out stores/x \\
+(Not ``launch/tokenize.py``: Python puts a script's directory first on the path, and a
+``tokenize.py`` there would replace the standard library's for every script in ``launch/``.)
+
+    python launch/pretokenize.py --config configs/tiny-cpu.yaml --domain legal --out stores/legal
+    python launch/pretokenize.py --tokenizer data/tokenizer/tokenizer.model --out stores/x \\
         'data/x/train-*.jsonl' 's3://bucket/x/*.jsonl.zst' --workers 16
 
 With ``--config`` the tokenizer, ``text_field``, ``add_bos``/``add_eos`` and
@@ -27,11 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-# This file is named like the standard library's ``tokenize``, which Python puts first on the
-# path as the script's directory: take that directory off so `import tokenize` stays stdlib's.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.data.loader import expand_globs  # noqa: E402
 from train.data.store import (  # noqa: E402
