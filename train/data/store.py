@@ -308,13 +308,15 @@ class TokenStore:
                 )
 
     def _shard_tokens(self, s: int, lo: int, hi: int) -> np.ndarray:
+        if s in self._tokens:
+            return self._tokens[s][lo:hi]
         path = _join(self.root, f"{self._names[s]}.tokens")
         if fs.is_url(self.root):
             size = self.dtype.itemsize
             return np.frombuffer(fs.read_range(path, lo * size, hi * size), dtype=self.dtype)
-        if s not in self._tokens:
-            n = int(self._bounds[s + 1] - self._bounds[s])
-            self._tokens[s] = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,))
+        n = int(self._bounds[s + 1] - self._bounds[s])
+        # A plain ndarray view of the map: slicing a np.memmap costs a Python-level hook.
+        self._tokens[s] = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)).view(np.ndarray)
         return self._tokens[s][lo:hi]
 
     def _shard_docs(self, s: int) -> np.ndarray:
@@ -325,7 +327,8 @@ class TokenStore:
                 raw = fs.read_range(path, 0, n * _DOC_DTYPE.itemsize) if n else b""
                 self._docs[s] = np.frombuffer(raw, dtype=_DOC_DTYPE)
             elif n:
-                self._docs[s] = np.memmap(path, dtype=_DOC_DTYPE, mode="r", shape=(n,))
+                docs = np.memmap(path, dtype=_DOC_DTYPE, mode="r", shape=(n,))
+                self._docs[s] = docs.view(np.ndarray)
             else:
                 self._docs[s] = np.zeros(0, dtype=_DOC_DTYPE)
         return self._docs[s]
