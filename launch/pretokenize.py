@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true", help="check a finished store's checksums")
     args = p.parse_args(argv)
     if args.verify:
-        bad = verify(args.out)
-        print(json.dumps({"store": args.out, "damaged": bad}))
-        return 1 if bad else 0
+        damaged = verify(args.out)
+        print(json.dumps({"store": args.out, "damaged": damaged}))
+        return 1 if damaged else 0
     if args.config and not args.domain:
         sys.exit("--config needs --domain")
     s = _settings(args)
