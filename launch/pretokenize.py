@@ -23,11 +23,13 @@ afterwards (``aws s3 sync``, ``gsutil rsync``, ``huggingface-cli upload``) to tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -156,9 +158,15 @@ def _progress(todo: list[ShardJob], entries: dict[int, dict], tok: str, workers:
         tqdm = None
     bar = tqdm(total=len(todo), unit="file", desc="tokenize") if tqdm else None
     tokens = 0
-    # spawn: fresh interpreters with just the tokenizer, whatever the caller has loaded.
-    with mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(tok,)) as pool:
-        for entry in pool.imap_unordered(_run, todo):
+    with contextlib.ExitStack() as stack:
+        if workers == 1:  # no pool to start
+            _init(tok)
+            done: Iterator[dict] = map(_run, todo)
+        else:
+            # spawn: fresh interpreters with just the tokenizer, whatever the caller has loaded.
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(tok,))
+            done = stack.enter_context(pool).imap_unordered(_run, todo)
+        for entry in done:
             entries[int(entry["name"].split("-")[1])] = entry
             tokens += entry["num_tokens"]
             if bar is not None:

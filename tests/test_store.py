@@ -33,11 +33,11 @@ SP_MODEL = ROOT / "data" / "tokenizer" / "tokenizer.model"
 SEQ = 384  # long enough for the small domain a to wrap into further epochs
 
 
-def tokenize(*args: str) -> None:
-    """launch/pretokenize.py in this process (its worker pool is real processes)."""
+def tokenize(*args: str, workers: int = 2) -> None:
+    """launch/pretokenize.py in this process (with 2 workers, a pool of real processes)."""
     from launch.pretokenize import main
 
-    assert main([*args, "--workers", "2"]) == 0
+    assert main([*args, "--workers", str(workers)]) == 0
 
 
 def corpus(tmp_path: Path) -> dict[str, list[str]]:
@@ -122,6 +122,8 @@ def test_store_gives_the_file_batches_on_every_rank_and_resumes(
             assert_same([resumed.next_batch() for _ in range(n - 5)], want[5:])
             consumed = resumed.state_dict()["tokens_by_domain"]["a"]
         assert consumed > 2 * store.num_tokens  # the store wrapped into a third epoch
+    mixed.num_workers = 2  # the store read in worker processes, ahead of training
+    assert_same(batches(mixed, tok, n, 1), want)
 
 
 def test_tokenize_skips_finished_shards_and_writes_the_training_stream(
@@ -130,7 +132,8 @@ def test_tokenize_skips_finished_shards_and_writes_the_training_stream(
 ) -> None:
     docs = corpus(tmp_path)
     out = tmp_path / "a"
-    tokenize(str(tmp_path / "src" / "a-*.jsonl"), "--tokenizer", str(SP_MODEL), "--out", str(out))
+    src = str(tmp_path / "src" / "a-*.jsonl")
+    tokenize(src, "--tokenizer", str(SP_MODEL), "--out", str(out), workers=1)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dtype"] == "uint16" == token_dtype(tok.vocab_size).name
     assert manifest["shards"][1]["bad"]  # the malformed line, counted as training counts it
@@ -143,7 +146,7 @@ def test_tokenize_skips_finished_shards_and_writes_the_training_stream(
     (out / "shard-00001.json").unlink()
     (out / "shard-00001.tokens.tmp").write_bytes(b"partial")
     (out / "manifest.json").unlink()
-    tokenize(str(tmp_path / "src" / "a-*.jsonl"), "--tokenizer", str(SP_MODEL), "--out", str(out))
+    tokenize(src, "--tokenizer", str(SP_MODEL), "--out", str(out), workers=1)
     assert (out / "shard-00000.tokens").stat().st_mtime_ns == first_mtime
     assert not list(out.glob("*.tmp"))
     assert json.loads((out / "manifest.json").read_text())["store_id"] == manifest["store_id"]
@@ -268,6 +271,26 @@ def test_config_errors_name_the_key_and_the_fix(stored: Path, tmp_path: Path) ->
         assert "secret" not in str(e.value)
     cfg = load_config(str(base), [f"data.domains.legal.store={stored / 'a'}", no_files])
     assert cfg.data.domains["legal"].store == str(stored / "a")
+
+
+def test_data_fingerprint_of_a_store_and_a_dataset(stored: Path, tmp_path: Path) -> None:
+    """What a resume compares: a store by its store_id, a dataset directory by its files."""
+    import datasets
+
+    from train.resume import data_fingerprint
+
+    datasets.Dataset.from_dict({"text": ["x y", "z"]}).save_to_disk(str(tmp_path / "ds"))
+    over = [f"data.domains.legal.store={stored / 'a'}", "data.domains.legal.train=[]"]
+    over += [f"data.domains.code.dataset={tmp_path / 'ds'}", "data.domains.code.train=[]"]
+    cfg = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), over)
+    fp = data_fingerprint(cfg)
+    store = TokenStore(str(stored / "a"))
+    assert fp["legal"] == [
+        {"path": str(stored / "a"), "size": store.num_tokens, "head_tail": store.store_id}
+    ]
+    names = [Path(f["path"]).name for f in fp["code"]]
+    assert "state.json" in names and any(n.endswith(".arrow") for n in names)
+    assert len(fp["science"]) == 2  # files as before
 
 
 # ------------------------------------------------------------------------------ 2 ranks
