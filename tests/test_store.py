@@ -292,6 +292,23 @@ def test_data_fingerprint_of_a_store_and_a_dataset(stored: Path, tmp_path: Path)
     assert "state.json" in names and any(n.endswith(".arrow") for n in names)
     assert len(fp["science"]) == 2  # files as before
 
+    # Resuming: the same store at a new path is fine; another store under a run that read it
+    # is refused, as are the files it was made from (the state would not fit them).
+    from train.resume import check_changes
+
+    train = {"step": 3, "finished_phases": [], "tokens_by_phase": {"general": 1}}
+    saved = {"config": cfg.to_dict(), "data_fingerprint": fp}
+    saved["train"] = train | {"tokens_by_domain": {"legal": 1}}
+    shutil.copytree(stored / "a", tmp_path / "moved")
+    moved = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), over)
+    moved.data.domains["legal"].store = str(tmp_path / "moved")
+    ch = check_changes(saved, moved, 2, data_fingerprint(moved))
+    assert not ch.refused and any("same files at new paths" in x for x in ch.safe), ch
+    other = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), over)
+    other.data.domains["legal"] = DomainConfig(train=[str(stored / "src" / "a-*.jsonl")])
+    ch = check_changes(saved, other, 2, data_fingerprint(other))
+    assert any("data.domains.legal" in x for x in ch.refused), ch
+
 
 # ------------------------------------------------------------------------------ 2 ranks
 

@@ -349,6 +349,10 @@ def data_fingerprint(cfg: Config) -> dict[str, list[dict[str, Any]]]:
 
 # ------------------------------------------------------------------------------ changes
 
+_SOURCES = (".train", ".store", ".dataset")
+"""A domain's data keys: where the data lives may change (a store copied to s3://), what it
+holds may not, which the data fingerprint decides."""
+
 NOT_COMPARED = ("output_dir", "resume", "resume_overrides")
 """Where and how this job runs, not what the run is (a run directory may move)."""
 SAFE = (
@@ -459,8 +463,8 @@ def check_changes(
             ch.refused.append(f"{key}: {what}, but the checkpoint is at step {step}")
         elif key.startswith("data.domains.") and key.split(".")[2] not in consumed:
             ch.safe.append(f"{key}: {what} (domain not read yet)")
-        elif key.startswith("data.domains.") and key.endswith(".train") and compare_data:
-            ch.safe.append(f"{key}: {what} (the files are compared by content below)")
+        elif key.startswith("data.domains.") and key.endswith(_SOURCES) and compare_data:
+            ch.safe.append(f"{key}: {what} (the data is compared by content below)")
         else:
             add(key, what)
     _check_phases(ch, old_phases, new_phases, touched)
