@@ -256,13 +256,21 @@ def test_datasets_directory_resumes_exactly(
 
 
 def test_config_errors_name_the_key_and_the_fix(stored: Path, tmp_path: Path) -> None:
+    import datasets
+
     base = ROOT / "configs" / "tiny-cpu.yaml"
     no_files = "data.domains.legal.train=[]"
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b"]})})
+    splits.save_to_disk(str(tmp_path / "dd"))
     cases = {
         (f"data.domains.legal.store={stored / 'a'}",): "train and store are both set",
         ("data.domains.legal.store=/nonexistent/store", no_files): "has no manifest.json",
         ("data.domains.legal.train=[s3://AKIA:secret@bucket/x.jsonl]",): "carries credentials",
         ("data.domains.legal.dataset=/nonexistent/ds", no_files): "is not a directory",
+        (f"data.domains.legal.dataset={tmp_path / 'dd'}", no_files): (
+            f"is a DatasetDict with splits ['train']; point at one split's directory, e.g. "
+            f"'{tmp_path / 'dd' / 'train'}'"
+        ),
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError) as e:
@@ -312,10 +320,11 @@ def test_data_fingerprint_of_a_store_and_a_dataset(stored: Path, tmp_path: Path)
 
 # ------------------------------------------------------------------------------ 2 ranks
 
+# 6 steps: phase general (literature and speeches) 4, legal 1, science 1.
 LAUNCH = [
     "train.max_steps=6",
-    "data.phases.0.steps=2",
-    "data.phases.1.steps=2",
+    "data.phases.0.steps=4",
+    "data.phases.1.steps=1",
     "checkpoint.every_steps=2",
 ]
 
@@ -356,13 +365,14 @@ def test_store_run_matches_files_and_resumes_exactly(backend, demo_sources, tmp_
     assert rc == 0, log[-3000:]
     out = tmp_path / "stores"
     proc = start(out, backend, LAUNCH + demo_sources)
-    wait_for_step(proc, out, 2)
+    wait_for_step(proc, out, 1)  # stop inside phase general: both of its domains resume
     for w in workers(proc):
         w.send_signal(signal.SIGTERM)
     rc, log = finish(proc, out)
     assert rc == 0, log[-3000:]
     stopped = max(rows(out))
     assert stopped < 6, "the run finished before it could be interrupted"
+    print(f"{backend}: stopped at step {stopped}")
     rc, log = run(out, backend, LAUNCH + demo_sources)
     assert rc == 0, log[-3000:]
     assert f"at step {stopped}" in log

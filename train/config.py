@@ -887,8 +887,13 @@ def _validate_data(cfg: Config) -> list[str]:
         if dom.dataset:
             if is_url(dom.dataset):
                 p.append(f"{key}.dataset: must be a local directory; copy it or use train/store.")
-            elif not Path(dom.dataset).is_dir():
-                p.append(f"{key}.dataset: {dom.dataset!r} is not a directory.")
+            else:
+                from train.data.hfdatasets import dataset_kind
+
+                try:
+                    dataset_kind(dom.dataset)
+                except ValueError as e:
+                    p.append(f"{key}.dataset: {e}.")
         for k, globs in (("train", dom.train), ("heldout", dom.heldout)):
             for g in globs:
                 if is_url(g):  # checked when read: listing a bucket needs its credentials

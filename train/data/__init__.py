@@ -7,8 +7,10 @@ per-domain packing remainder, and continue a domain across phases. ``sources.py`
 reads JSON Lines, JSON, text and Parquet itself (``.gz``/``.zst`` too) with exact positions.
 
 Modules: ``sources`` (files -> documents, bad-input counts), ``stream`` (documents -> packed
-sequences of one domain), ``mixture`` (phases and per-row domain choice), ``workers``
-(streams in the training process or in worker processes), ``loader`` (``CPTDataLoader``).
+sequences of one domain), ``store`` (the same sequences from a pre-tokenised token store),
+``hfdatasets`` (``datasets`` directories as documents by row index), ``fs`` (local paths and
+``fsspec`` URLs), ``mixture`` (phases and per-row domain choice), ``workers`` (streams in the
+training process or in worker processes), ``loader`` (``CPTDataLoader``).
 
 ``CPTDataLoader`` and ``Batch`` are imported lazily: worker processes import this package and
 should not pay for importing torch.
