@@ -15,9 +15,10 @@ Then set ``data.domains.<domain>.store: <out>`` (and remove its ``train``).
 
 One shard per source file, files in parallel over ``--workers`` processes. Resumable: run the
 same command again after an interruption and finished shards (their ``.json`` entry, source
-file size, tokenizer and options unchanged) are kept. ``--verify`` re-reads a finished store
-and checks every shard's SHA-256. The output directory is local; copy it to an object store
-afterwards (``aws s3 sync``, ``gsutil rsync``, ``huggingface-cli upload``) to train from a URL.
+file size and ends, tokenizer and options unchanged) are kept. ``--verify`` re-reads a
+finished store and checks every shard's SHA-256. The output directory is local; copy it to an
+object store afterwards (``aws s3 sync``, ``gsutil rsync``, ``huggingface-cli upload``) to
+train from a URL.
 """
 
 from __future__ import annotations

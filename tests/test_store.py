@@ -150,6 +150,14 @@ def test_tokenize_skips_finished_shards_and_writes_the_training_stream(
     assert (out / "shard-00000.tokens").stat().st_mtime_ns == first_mtime
     assert not list(out.glob("*.tmp"))
     assert json.loads((out / "manifest.json").read_text())["store_id"] == manifest["store_id"]
+    # A source rewritten with the same size is tokenised again, not taken for finished.
+    src0 = tmp_path / "src" / "a-0.jsonl"
+    src0.write_text(src0.read_text().replace("the", "THE"))
+    tokenize(src, "--tokenizer", str(SP_MODEL), "--out", str(out), workers=1)
+    assert (out / "shard-00000.tokens").stat().st_mtime_ns != first_mtime
+    redone = json.loads((out / "manifest.json").read_text())
+    assert redone["shards"][0]["tokens_sha256"] != manifest["shards"][0]["tokens_sha256"]
+    assert redone["shards"][1] == manifest["shards"][1]
     from launch.pretokenize import main
 
     assert main(["--out", str(out), "--verify"]) == 0
