@@ -126,6 +126,20 @@ def test_store_gives_the_file_batches_on_every_rank_and_resumes(
     assert_same(batches(mixed, tok, n, 1), want)
 
 
+def test_heldout_store_gives_the_heldout_files_tokens(
+    stored: Path,
+    tok: Tokenizer,  # noqa: F811
+) -> None:
+    files = cfg_of(stored, files_a(stored), files_b(stored))
+    files.domains["a"].heldout = [str(stored / "src" / "a-*.jsonl")]
+    store = cfg_of(stored, files_a(stored), files_b(stored))
+    store.domains["a"].heldout_store = str(stored / "a")
+    with make_loader(files, tok) as f, make_loader(store, tok) as s:
+        for n in (1000, 20_000):  # within the data, and more than it holds (a warning)
+            want, got = f.heldout_sequences("a", n, 100), s.heldout_sequences("a", n, 100)
+            assert len(got) == len(want) and all(map(torch.equal, got, want))
+
+
 def test_tokenize_skips_finished_shards_and_writes_the_training_stream(
     tmp_path: Path,
     tok: Tokenizer,  # noqa: F811

@@ -348,7 +348,9 @@ class DomainConfig:
     """Local ``datasets`` directory: a ``save_to_disk`` dataset (one split), a directory of
     ``.arrow`` files or of ``.parquet`` files; read by row index (exact O(1) resume)."""
     heldout: list[str] = field(default_factory=list)
-    """Globs of held-out files for perplexity evaluation (files only, local or URLs)."""
+    """Globs of held-out files for perplexity evaluation (local or URLs)."""
+    heldout_store: str | None = None
+    """Instead of ``heldout``: a token store of the held-out files (the same tokens)."""
     text_field: str = "text"
     """Field holding the document text (JSON/Parquet/datasets column)."""
 
@@ -877,13 +879,17 @@ def _validate_data(cfg: Config) -> list[str]:
                 f"{key}: {' and '.join(given)} are both set; a domain reads exactly one of "
                 "train (files), store (token store) or dataset (datasets directory)."
             )
-        urls = [*dom.train, *dom.heldout, *([dom.store] if dom.store else [])]
+        stores = {"store": dom.store, "heldout_store": dom.heldout_store}
+        urls = [*dom.train, *dom.heldout, *(v for v in stores.values() if v)]
         p += [x for x in (url_problem(u, key) for u in urls) if x]
-        if dom.store and not is_url(dom.store) and not Path(dom.store, "manifest.json").is_file():
-            p.append(
-                f"{key}.store: {dom.store!r} has no manifest.json; write the store with "
-                f"launch/pretokenize.py --config <this config> --domain {name} --out {dom.store}."
-            )
+        for k, v in stores.items():
+            if v and not is_url(v) and not Path(v, "manifest.json").is_file():
+                p.append(
+                    f"{key}.{k}: {v!r} has no manifest.json; write the store with "
+                    f"launch/pretokenize.py --config <this config> --domain {name} --out {v}."
+                )
+        if dom.heldout and dom.heldout_store:
+            p.append(f"{key}: heldout and heldout_store are both set; keep one.")
         if dom.dataset:
             if is_url(dom.dataset):
                 p.append(f"{key}.dataset: must be a local directory; copy it or use train/store.")

@@ -114,7 +114,7 @@ def heldout_sets(cfg: Config, data: CPTDataLoader) -> dict[str, list[torch.Tenso
     return {
         name: data.heldout_sequences(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
         for name, dom in cfg.data.domains.items()
-        if dom.heldout
+        if dom.heldout or dom.heldout_store
     }
 
 

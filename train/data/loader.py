@@ -322,6 +322,13 @@ class CPTDataLoader:
 
     def _read_heldout(self, domain: str, num_tokens: int, seq_len: int) -> list[torch.Tensor]:
         dom = self.cfg.domains[domain]
+        if dom.heldout_store:
+            store = TokenStore(dom.heldout_store)
+            key = f"data.domains.{domain}.heldout_store"
+            store.check(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos, key)
+            flat = torch.from_numpy(store.read(0, min(num_tokens, store.num_tokens))).long()
+            self._warn_short_heldout(domain, len(flat), num_tokens)
+            return list(flat.split(seq_len))
         files = expand_globs(dom.heldout)
         if not files:
             log.warning("domain %r has no held-out files: no perplexity for it", domain)
@@ -345,15 +352,19 @@ class CPTDataLoader:
         for message in bad.drain_messages():
             log.warning("bad input: domain %r held-out: %s", domain, message)
         self._heldout_bad[domain] = bad.files
-        if len(ids) < num_tokens:
-            log.warning(
-                "domain %r: held-out files hold only %d of the %d tokens asked for",
-                domain,
-                len(ids),
-                num_tokens,
-            )
+        self._warn_short_heldout(domain, len(ids), num_tokens)
         flat = torch.tensor(ids[:num_tokens], dtype=torch.long)
         return list(flat.split(seq_len))
+
+    @staticmethod
+    def _warn_short_heldout(domain: str, got: int, asked: int) -> None:
+        if got < asked:
+            log.warning(
+                "domain %r: held-out data holds only %d of the %d tokens asked for",
+                domain,
+                got,
+                asked,
+            )
 
     def close(self) -> None:
         """Stop background workers; the loader can continue later (they restart)."""
