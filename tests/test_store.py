@@ -334,6 +334,15 @@ def test_data_fingerprint_of_a_store_and_a_dataset(stored: Path, tmp_path: Path)
     moved.data.domains["legal"].store = str(tmp_path / "moved")
     ch = check_changes(saved, moved, 2, data_fingerprint(moved))
     assert not ch.refused and any("same files at new paths" in x for x in ch.safe), ch
+    # A checkpoint written before these keys existed resumes (they were unset, now default).
+    plain = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"))
+    before = {"config": plain.to_dict(), "data_fingerprint": data_fingerprint(plain)}
+    before["train"] = train | {"tokens_by_domain": {"literature": 1, "legal": 1}}
+    for dom in before["config"]["data"]["domains"].values():
+        for k in ("store", "dataset", "heldout_store"):
+            del dom[k]
+    ch = check_changes(before, plain, 2, data_fingerprint(plain))
+    assert not ch.refused and not ch.need_override, ch
     other = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), over)
     other.data.domains["legal"] = DomainConfig(train=[str(stored / "src" / "a-*.jsonl")])
     ch = check_changes(saved, other, 2, data_fingerprint(other))

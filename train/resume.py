@@ -436,7 +436,8 @@ def check_changes(
 
     def add(key: str, what: str) -> None:
         line = f"{key}: {what}"
-        if _under(key, SAFE) or key.startswith("data.domains.") and key.endswith(".heldout"):
+        held_out = key.startswith("data.domains.") and key.endswith((".heldout", ".heldout_store"))
+        if _under(key, SAFE) or held_out:
             ch.safe.append(line)
         elif _under(key, OVERRIDABLE) or key == "train.max_steps":
             (ch.taken if _under(key, cfg.resume_overrides) else ch.need_override).append(line)
