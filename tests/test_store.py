@@ -343,6 +343,9 @@ def test_data_fingerprint_of_a_store_and_a_dataset(stored: Path, tmp_path: Path)
             del dom[k]
     ch = check_changes(before, plain, 2, data_fingerprint(plain))
     assert not ch.refused and not ch.need_override, ch
+    del before["data_fingerprint"]  # older still: no fingerprint to compare with
+    ch = check_changes(before, plain, 2, None)
+    assert not ch.refused and not ch.need_override and not ch.safe, ch
     other = load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), over)
     other.data.domains["legal"] = DomainConfig(train=[str(stored / "src" / "a-*.jsonl")])
     ch = check_changes(saved, other, 2, data_fingerprint(other))

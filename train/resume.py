@@ -350,6 +350,8 @@ def data_fingerprint(cfg: Config) -> dict[str, list[dict[str, Any]]]:
 # ------------------------------------------------------------------------------ changes
 
 _SOURCES = (".train", ".store", ".dataset")
+_ADDED_UNSET = (".store", ".dataset", ".heldout_store")
+"""Domain keys added after checkpoints were first written; None means what their absence did."""
 """A domain's data keys: where the data lives may change (a store copied to s3://), what it
 holds may not, which the data fingerprint decides."""
 
@@ -455,6 +457,8 @@ def check_changes(
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
         if a == b or _under(key, NOT_COMPARED):
             continue
+        if a == "<unset>" and b is None and key.endswith(_ADDED_UNSET):
+            continue  # a key added since the checkpoint, at its default: the same data
         if rows != old_rows and key in ("train.micro_batch_size", "train.grad_accum"):
             continue  # refused above as one change
         what = f"{a!r} -> {b!r}"
