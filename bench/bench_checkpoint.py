@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     world = int(os.environ["WORLD_SIZE"])
     overrides = ["logging.wandb=false", f"engine.backend={args.backend}"]
     cfg = load_config(ROOT / "configs/tiny-cpu.yaml", overrides, world_size=world)
-    backend = build_backend(cfg)
+    backend = build_backend(cfg.backend_config())
     model = build_model(cfg.model, seed=0, init_context=backend.init_context())
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     backend.setup(model, lambda step: 1.0)

@@ -66,6 +66,7 @@ def main() -> None:
     from migu_dist import build_backend
     from migu_dist.backend import use_bf16
     from migu_dist.migu import Migu
+    from migu_dist.parallelize import parallelize
     from train.config import load_config
     from train.model import build_model, flops_per_token
 
@@ -91,10 +92,12 @@ def main() -> None:
         over = [*base, *args.overrides, f"engine.precision={precision}"]
         cfgs[precision] = c = load_config(None, over, world_size=world_size)
         c.migu.enabled = True
-        backend = build_backend(c)
+        backend = build_backend(c.backend_config())
         model = build_model(
             c.model, seed=0, dtype=backend.param_dtype, init_context=backend.init_context()
         )
+        m = c.model
+        parallelize(model, activation_checkpointing=m.activation_checkpointing, compile=m.compile)
         fpt = flops_per_token(model, c.train.seq_len)
         migu = Migu(c.migu, model)
         backend.setup(model, lambda s: 1.0)
@@ -158,7 +161,7 @@ def main() -> None:
         """Step times, MIGU overhead, tokens/s, communication (and MFU) of one precision."""
         c = cfgs[precision]
         plain, with_migu = med[precision, "plain"], med[precision, "migu"]
-        bf16 = use_bf16(c)
+        bf16 = use_bf16(c.engine)
         # Bytes of gradient reduced per step: DeepSpeed reduces bf16 gradients in bf16, FSDP2's
         # mixed-precision policy here reduces in fp32.
         grad_bytes = n_params * (2 if bf16 and c.engine.backend == "deepspeed" else 4)

@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from migu_dist.backend import Backend
-    from train.config import Config
+    from migu_dist.config import BackendConfig
 
 
-def build_backend(cfg: Config) -> Backend:
-    """The backend named by ``engine.backend`` (imported lazily: each pulls in its stack)."""
+def build_backend(cfg: BackendConfig) -> Backend:
+    """The backend named by ``engine.backend`` (imported lazily: each pulls in its stack);
+    ``cfg`` is ``Config.backend_config()``."""
     if cfg.engine.backend == "deepspeed":
         from migu_dist.deepspeed_backend import DeepSpeedBackend
 

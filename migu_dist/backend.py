@@ -13,15 +13,13 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from migu_dist.config import BackendConfig, EngineConfig, OptimConfig
 from migu_dist.optim import FreezableAdamW
-
-if TYPE_CHECKING:
-    from train.config import Config, OptimConfig
 
 
 @dataclass
@@ -53,9 +51,10 @@ class Backend(abc.ABC):
         return contextlib.nullcontext()
 
     @property
-    def empty_init(self) -> bool:
-        """Whether the model is to be built empty (``build_model(empty=True)``, parameters on
-        the meta device): ``setup`` then materialises and loads each rank's shard itself."""
+    def loads_hf_shards(self) -> bool:
+        """Whether ``setup`` can take a model built empty (parameters on the meta device) and
+        materialise it, each rank reading only its own shard of ``init_from``'s safetensors.
+        The model side decides whether the model can be built so (``train.model.empty_init``)."""
         return False
 
     @property
@@ -172,11 +171,11 @@ class Backend(abc.ABC):
 NO_DECAY = ("norm", "bias", "embed_tokens")
 
 
-def use_bf16(cfg: Config) -> bool:
+def use_bf16(engine: EngineConfig) -> bool:
     """bf16 training: ``engine.precision``, where auto means bf16 exactly when a GPU is there."""
-    if cfg.engine.precision == "auto":
+    if engine.precision == "auto":
         return torch.cuda.is_available()
-    return cfg.engine.precision == "bf16"
+    return engine.precision == "bf16"
 
 
 def ensure_world_env() -> None:
@@ -191,7 +190,7 @@ def ensure_world_env() -> None:
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
 
-def adamw(model: nn.Module, cfg: Config, fused: bool = False) -> FreezableAdamW:
+def adamw(model: nn.Module, cfg: BackendConfig, fused: bool = False) -> FreezableAdamW:
     """FreezableAdamW over the trainable parameters, no decay for norms/biases/embeddings, and
     MIGU's masked weights in a group of their own when their decay differs
     (``migu.weight_decay``)."""

@@ -31,10 +31,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
-from train.config import Config
+from migu_dist.config import BackendConfig
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: BackendConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for this run (the user's own file, if given, with our batch,
     clipping and precision keys written over it; optimizer/scheduler come from us)."""
     ds: dict[str, Any] = {}
@@ -43,10 +43,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             ds = json.load(f)
         ds.pop("optimizer", None)
         ds.pop("scheduler", None)
-    t = cfg.train
     ds.update(
-        train_micro_batch_size_per_gpu=t.micro_batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        train_micro_batch_size_per_gpu=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
         train_batch_size=cfg.global_batch(world_size),
         gradient_clipping=cfg.optim.grad_clip,
         steps_per_print=10**9,
@@ -59,7 +58,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # Small tensors stay whole on every rank below this many elements; 0 so that every
         # weight is partitioned, which is what MIGU's shard-local masking is tested against.
         zero.setdefault("stage3_param_persistence_threshold", 0)
-    bf16 = use_bf16(cfg)
+    bf16 = use_bf16(cfg.engine)
     ds["bf16"] = {"enabled": bf16}
     if bf16:
         # fp32 gradient accumulation keeps MIGU's masked gradients and the norm exact. ZeRO-0
@@ -74,7 +73,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 class DeepSpeedBackend(Backend):
     """ZeRO 0-3 through ``deepspeed.initialize``."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
         ensure_world_env()
         if not torch.distributed.is_initialized():
@@ -95,7 +94,7 @@ class DeepSpeedBackend(Backend):
 
     @property
     def param_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if use_bf16(self.cfg) else torch.float32
+        return torch.bfloat16 if use_bf16(self.cfg.engine) else torch.float32
 
     def init_context(self) -> ContextManager:
         if self.cfg.engine.zero_stage == 3:
@@ -166,7 +165,7 @@ class DeepSpeedBackend(Backend):
         out = self.engine(**batch)
         self.engine.backward(out.loss)
         self._micro += 1
-        if self._micro < self.cfg.train.grad_accum:
+        if self._micro < self.cfg.grad_accum:
             # Not the boundary: DeepSpeed only advances its micro-step counter here.
             self.engine.step()
         return out.loss.detach()

@@ -55,8 +55,8 @@ from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
+from migu_dist.config import BackendConfig
 from migu_dist.optim import FreezableAdamW, local
-from train.config import Config
 
 
 def row_range(rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -89,7 +89,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 class FSDP2Backend(Backend):
     """Per-block ``fully_shard`` + FreezableAdamW + LambdaLR; checkpoints through DCP."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
         ensure_world_env()
         cuda = torch.cuda.is_available()
@@ -114,21 +114,11 @@ class FSDP2Backend(Backend):
         self._norm: torch.Tensor | None = None  # this step's gradient norm, once computed
 
     @property
-    def empty_init(self) -> bool:
-        # Continual pre-training starts from a Hugging Face directory: build it on the meta
-        # device, shard, then each rank reads only its own rows of the safetensors files
-        # (``_load_hf_shards``). Random init (no init_from) and LoRA build the whole model on
-        # every rank first (small models, or adapters whose init peft does at creation).
-        m = self.cfg.model
-        if not m.init_from or self.cfg.lora.enabled:
-            return False
-        from train.model import weight_files
-
-        if weight_files(m.init_from)[0].suffix != ".safetensors":
-            return False  # .bin weights: from_pretrained on every rank
-        from transformers import AutoConfig
-
-        return not AutoConfig.from_pretrained(m.init_from).tie_word_embeddings
+    def loads_hf_shards(self) -> bool:
+        # Continual pre-training starts from a Hugging Face directory: built on the meta
+        # device and sharded, each rank then reads only its own rows of the safetensors files
+        # (``_load_hf_shards``).
+        return True
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -137,7 +127,7 @@ class FSDP2Backend(Backend):
         return torch.float32
 
     def setup(self, model: nn.Module, lr_lambda: Callable[[int], float]) -> None:
-        if use_bf16(self.cfg):
+        if use_bf16(self.cfg.engine):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
@@ -158,13 +148,15 @@ class FSDP2Backend(Backend):
         """Materialise an empty (meta) sharded model on this rank's device and fill each
         rank's shards from ``model.init_from``'s safetensors (DCP's Hugging Face reader:
         every rank reads the rows it owns; stored dtypes, e.g. bf16, convert to fp32)."""
+        if not self.cfg.init_from:
+            raise ValueError("a model built empty needs init_from, the weights to load")
         buffers = {n: b for n, b in model.named_buffers() if not b.is_meta}
         model.to_empty(device=self.device)
         for name, b in buffers.items():  # computed buffers (rotary frequencies) survive
             owner, _, attr = name.rpartition(".")
             model.get_submodule(owner)._buffers[attr] = b.to(self.device)
         sd = get_model_state_dict(model)
-        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(self.cfg.model.init_from)))
+        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(self.cfg.init_from)))
 
     @property
     def module(self) -> nn.Module:
@@ -177,7 +169,7 @@ class FSDP2Backend(Backend):
 
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
-        accum = self.cfg.train.grad_accum
+        accum = self.cfg.grad_accum
         # Reduce-scatter only on the step's last micro-batch; the others accumulate locally.
         self._fsdp().set_requires_gradient_sync(self._micro == accum - 1)
         out = self.module(**batch)

@@ -55,8 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train import model as model_lib
-from train.config import MiguConfig
+from migu_dist import parallelize
+from migu_dist.config import MiguConfig
 
 if TYPE_CHECKING:
     from migu_dist.backend import Backend
@@ -150,7 +150,7 @@ class Migu:
             # A recompute for backward (activation checkpointing) must not count twice. In
             # eager code autograd's graph-task id says so; a compiled block (model.compile)
             # cannot read it, and its checkpoint sets a flag that dynamo guards on instead.
-            if model_lib.RECOMPUTING or (not torch.compiler.is_compiling() and _in_backward()):
+            if parallelize.RECOMPUTING or (not torch.compiler.is_compiling() and _in_backward()):
                 return
             with torch.no_grad():
                 y = output.detach()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from train.config import RegularizationConfig
+from migu_dist.config import RegularizationConfig
 
 if TYPE_CHECKING:
     from migu_dist.backend import Backend

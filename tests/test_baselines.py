@@ -42,7 +42,7 @@ def worker(out: str, overrides: list[str]) -> None:
     from migu_dist.deepspeed_backend import DeepSpeedBackend
 
     cfg = tiny_config(overrides)
-    backend = DeepSpeedBackend(cfg)
+    backend = DeepSpeedBackend(cfg.backend_config())
     model = build_model(
         cfg.model, seed=cfg.train.seed, init_context=backend.init_context(), lora=cfg.lora
     )

@@ -363,7 +363,9 @@ def _shard(model, backend):
         from migu_dist.fsdp2_backend import FSDP2Backend
         from train.config import Config, EngineConfig
 
-        fsdp2 = FSDP2Backend(Config(engine=EngineConfig(backend="fsdp2", dist_timeout_minutes=2)))
+        fsdp2 = FSDP2Backend(
+            Config(engine=EngineConfig(backend="fsdp2", dist_timeout_minutes=2)).backend_config()
+        )
         fsdp2.setup(model, lambda step: 1.0)
         return fsdp2.module, fsdp2.module
     import deepspeed

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from migu_dist.migu import Migu, quantile_row_mask, row_mask_for_range, topk_row_mask
+from migu_dist.parallelize import parallelize
 from tests.migu_common import global_batch, tiny_config
 from train.model import build_model
 
@@ -73,6 +74,7 @@ def dense_reference(
     cfg.model.activation_checkpointing = checkpointing
     bf16 = cfg.engine.precision == "bf16"
     model = build_model(cfg.model, seed=0)
+    parallelize(model, activation_checkpointing=checkpointing, compile=False)
     model.load_state_dict(init)
     masters = {n: p.detach().float().clone().requires_grad_() for n, p in model.named_parameters()}
     model.to(torch.bfloat16 if bf16 else torch.float32)
@@ -341,6 +343,7 @@ def _migu_masks(cfg, init, checkpointing, steps=2):
     model = build_model(cfg.model, seed=0)
     model.load_state_dict(init)
     model.train()
+    parallelize(model, activation_checkpointing=checkpointing, compile=cfg.model.compile)
     migu = Migu(cfg.migu, model)
     masks, stats = [], []
     for step in range(steps):

@@ -10,11 +10,9 @@ materialises whole on one rank.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import json
 import re
-from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from typing import Any
@@ -77,6 +75,19 @@ def causal_lm_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     return getattr(transformers, MODEL_FAMILIES[config.model_type])
 
 
+def empty_init(cfg: ModelConfig, lora: LoraConfig | None = None) -> bool:
+    """Whether the model can be built empty (``build_model(empty=True)``) for a backend that
+    loads each rank's shard of ``init_from`` itself (``Backend.loads_hf_shards``): only from a
+    Hugging Face directory with safetensors weights and untied embeddings. Random init and
+    LoRA build the whole model on every rank first (small models, or adapters whose init peft
+    does at creation); .bin weights load through ``from_pretrained`` on every rank."""
+    if not cfg.init_from or (lora is not None and lora.enabled):
+        return False
+    if weight_files(cfg.init_from)[0].suffix != ".safetensors":
+        return False
+    return not AutoConfig.from_pretrained(cfg.init_from).tie_word_embeddings
+
+
 def build_model(
     cfg: ModelConfig,
     *,
@@ -95,7 +106,10 @@ def build_model(
     ``empty``: only the skeleton (of ``init_from``'s config or of the shape), its parameters
     on the meta device, neither initialised nor loaded; the backend materialises each rank's
     shard and loads it (FSDP2: a 7B model then never exists whole on a rank). Buffers that
-    are computed, not loaded (the rotary frequencies), are real."""
+    are computed, not loaded (the rotary frequencies), are real.
+
+    Activation checkpointing and compilation (``model.activation_checkpointing``,
+    ``model.compile``) are not applied here: ``migu_dist.parallelize`` does, in its order."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     torch.manual_seed(seed)
     config = hf_config(cfg)
@@ -147,57 +161,7 @@ def build_model(
     model.config.use_cache = False
     if lora is not None and lora.enabled:
         add_lora(model, lora, seed=seed)
-    if cfg.compile:
-        compile_blocks(model, checkpoint=cfg.activation_checkpointing)
-    elif cfg.activation_checkpointing:
-        # Non-reentrant checkpointing: the recompute runs inside autograd's backward, which is
-        # how MIGU's hooks tell a recompute from a real forward.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
     return model
-
-
-# True while a block compiled by ``compile_blocks`` is recomputed for backward. Forward hooks
-# (MIGU's statistics) read it: inside compiled code autograd's graph-task id is not visible,
-# and dynamo guards on this flag instead (one extra compiled variant for the recompute).
-RECOMPUTING = False
-
-
-@contextlib.contextmanager
-def _recomputing() -> Iterator[None]:
-    global RECOMPUTING
-    RECOMPUTING = True
-    try:
-        yield
-    finally:
-        RECOMPUTING = False
-
-
-def _recompute_context() -> tuple[ContextManager, ContextManager]:
-    return contextlib.nullcontext(), _recomputing()
-
-
-def _checkpointed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return torch.utils.checkpoint.checkpoint(
-        fn, *args, use_reentrant=False, context_fn=_recompute_context, **kwargs
-    )
-
-
-def compile_blocks(model: PreTrainedModel, *, checkpoint: bool) -> None:
-    """``torch.compile`` every decoder block's ``forward`` (not ``__call__``): module-level hooks,
-    such as FSDP2's all-gather, stay outside the compiled code, and the state-dict keys are
-    unchanged. The hooks of the linears inside a block (MIGU's) are traced into its graph.
-
-    With ``checkpoint``, the compiled forward is wrapped in non-reentrant activation
-    checkpointing here instead of transformers' (which would checkpoint inside the compiled
-    region, where dynamo cannot trace the hooks' side effects and falls back to eager).
-    """
-    for block in model.model.layers:
-        block.gradient_checkpointing = False  # ours, below, replaces transformers'
-        compiled = torch.compile(block.forward)
-        block.forward = functools.partial(_checkpointed, compiled) if checkpoint else compiled
 
 
 def _real_rotary_buffers(model: PreTrainedModel) -> None:

@@ -7,14 +7,17 @@ import signal
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from migu_dist import build_backend
+from migu_dist.backend import Backend
 from migu_dist.migu import Migu
+from migu_dist.parallelize import parallelize
 from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
-from train.model import build_model, flops_per_token
+from train.model import build_model, empty_init, flops_per_token
 from train.resume import ResumeError, prepare_resume
 from train.schedule import lr_lambda
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -28,7 +31,7 @@ def build_trainer(cfg: Config) -> Trainer:
     Raises :class:`ResumeError` (on every rank) before writing anything when the run must
     not start as asked: another job holds ``output_dir``, or an earlier run there cannot be
     resumed, or the config changed in a way the checkpoint cannot take."""
-    backend = build_backend(cfg)
+    backend = build_backend(cfg.backend_config())
     out = Path(cfg.output_dir)
     ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
     try:
@@ -45,14 +48,7 @@ def build_trainer(cfg: Config) -> Trainer:
     phases = data.phases()
     rewarm = [p.start_step for p in phases if _phase_cfg(cfg, p.name).lr_at_start == "rewarm"]
 
-    model = build_model(
-        cfg.model,
-        seed=cfg.train.seed,
-        dtype=backend.param_dtype,
-        init_context=backend.init_context(),
-        lora=cfg.lora,
-        empty=backend.empty_init,
-    )
+    model = build_model_for(cfg, backend)
     migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
     reg = None
     if cfg.regularization.kind != "none":
@@ -92,6 +88,23 @@ def build_trainer(cfg: Config) -> Trainer:
         print0(f"Resumed from {source[0].root / source[1]} at step {trainer.state.step}")
     trainer.tracker = Tracker(cfg, trainer.state.wandb_id) if backend.rank == 0 else NullTracker()
     return trainer
+
+
+def build_model_for(cfg: Config, backend: Backend) -> PreTrainedModel:
+    """The model as ``backend.setup`` takes it: built in the backend's dtype and construction
+    context (empty, on the meta device, when the backend loads each rank's shard itself and
+    the model allows it), then checkpointed and compiled (``migu_dist.parallelize``)."""
+    model = build_model(
+        cfg.model,
+        seed=cfg.train.seed,
+        dtype=backend.param_dtype,
+        init_context=backend.init_context(),
+        lora=cfg.lora,
+        empty=backend.loads_hf_shards and empty_init(cfg.model, cfg.lora),
+    )
+    m = cfg.model
+    parallelize(model, activation_checkpointing=m.activation_checkpointing, compile=m.compile)
+    return model
 
 
 def build_data(cfg: Config, tokenizer: Tokenizer, rank: int, world: int) -> CPTDataLoader:

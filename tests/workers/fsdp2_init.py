@@ -19,16 +19,17 @@ import torch.distributed as dist  # noqa: E402
 
 from migu_dist import build_backend  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.model import build_model  # noqa: E402
+from train.run import build_model_for  # noqa: E402
 
 
 def main() -> None:
     init, out = sys.argv[1], sys.argv[2]
     overrides = ["engine.backend=fsdp2", f"model.init_from={init}"]
     cfg = load_config("configs/tiny-cpu.yaml", overrides, world_size=dist_world())
-    backend = build_backend(cfg)
+    backend = build_backend(cfg.backend_config())
     rank = backend.rank
-    model = build_model(cfg.model, seed=0, dtype=backend.param_dtype, empty=backend.empty_init)
+    cfg.train.seed = 0
+    model = build_model_for(cfg, backend)
     was_meta = all(p.is_meta for p in model.parameters())
     backend.setup(model, lambda s: 1.0)
     stage(rank, "loaded")
@@ -43,7 +44,7 @@ def main() -> None:
     stage(rank, "gathered")
     if rank == 0:
         torch.save(
-            {"empty": backend.empty_init, "was_meta": was_meta, "state_dict": full,
+            {"empty": was_meta, "was_meta": was_meta, "state_dict": full,
              "input_ids": ids, "logits": logits},
             out,
         )  # fmt: skip

@@ -34,7 +34,7 @@ from migu_dist import build_backend  # noqa: E402
 from migu_dist.migu import Migu  # noqa: E402
 from migu_dist.regularize import L2Anchor  # noqa: E402
 from tests.migu_common import global_batch, tiny_config  # noqa: E402
-from train.model import build_model  # noqa: E402
+from train.run import build_model_for  # noqa: E402
 
 PHASES = ["p0", "p1"]
 WORKER_KEYS = ("poison_step", "zero_layer")
@@ -54,19 +54,14 @@ def zero_weight(model: torch.nn.Module, name: str) -> None:
 def run(out: str, args: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in args if a.split("=", 1)[0] in WORKER_KEYS)
     cfg = tiny_config([a for a in args if a.split("=", 1)[0] not in WORKER_KEYS])
-    backend = build_backend(cfg)
+    backend = build_backend(cfg.backend_config())
     r, w = backend.rank, backend.world_size
     try:
-        model = build_model(
-            cfg.model,
-            seed=cfg.train.seed,
-            dtype=backend.param_dtype,
-            init_context=backend.init_context(),
-            empty=backend.empty_init,
-        )
+        model = build_model_for(cfg, backend)
     except ValueError as e:
         Path(f"{out}.error{r}").write_text(str(e))
         return
+    empty = any(p.is_meta for p in model.parameters())
     if "zero_layer" in opts:
         zero_weight(model, opts["zero_layer"])
     migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
@@ -109,7 +104,7 @@ def run(out: str, args: list[str]) -> None:
         torch.save(
             {
                 "init": init,
-                "empty": backend.empty_init,
+                "empty": empty,
                 "final": final,
                 "logits": logits.float().cpu(),
                 "masks": masks,
