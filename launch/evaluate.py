@@ -77,6 +77,7 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from migu_dist.dist import print0
     from train.evaluate import Evaluator, task_max_len
     from train.export import ExportError, consolidated_state_dict, resolve_checkpoint, run_config
     from train.model import build_model
@@ -123,8 +124,7 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
         phase_index=phase.index,
         phase_end=state["step"] == phase.end_step,
     )
-    if rank == 0:
-        print(json.dumps(dict(row, checkpoint=str(root / tag))))
+    print0(json.dumps(dict(row, checkpoint=str(root / tag))), rank=rank)
     if world > 1:
         dist.destroy_process_group()
     return 0

@@ -159,11 +159,6 @@ class Backend(abc.ABC):
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if torch.distributed.is_initialized() and self.world_size > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
 
 # ---------------------------------------------------------------- shared by the backends
 

@@ -32,6 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
 from migu_dist.config import BackendConfig
+from migu_dist.dist import all_reduce_sum
 
 
 def deepspeed_config(cfg: BackendConfig, world_size: int) -> dict[str, Any]:
@@ -268,7 +269,7 @@ class DeepSpeedBackend(Backend):
             if hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None:
                 for frag in self.grad_fragments(p):
                     sq += torch.linalg.vector_norm(frag.get()[: frag.numel].float()).double() ** 2
-        return float(self.all_reduce_sum(sq).sqrt())
+        return float(all_reduce_sum(sq).sqrt())
 
     def step(self) -> dict[str, float]:
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses (step() advances it)

@@ -52,11 +52,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from migu_dist import parallelize
 from migu_dist.config import MiguConfig
+from migu_dist.dist import all_reduce_mean
 
 if TYPE_CHECKING:
     from migu_dist.backend import Backend
@@ -197,9 +197,7 @@ class Migu:
     def compute_masks(self, step: int) -> list[torch.Tensor]:
         """All-reduce the statistics once (fused) and derive every layer's keep mask."""
         flat = torch.cat([layer.stat for layer in self.layers])  # (sum of d_out,)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
+        all_reduce_mean(flat)
         masks = []
         offset = 0
         gen = None

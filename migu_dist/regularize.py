@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from migu_dist.config import RegularizationConfig
+from migu_dist.dist import all_reduce_sum
 
 if TYPE_CHECKING:
     from migu_dist.backend import Backend
@@ -70,7 +71,7 @@ class L2Anchor:
             grad[: frag.numel].add_(diff.to(grad.dtype), alpha=self.cfg.strength)
             frag.set(grad)
             sq += diff.double().pow(2).sum().cpu()
-        total = backend.all_reduce_sum(sq.to(backend.device)).item()
+        total = all_reduce_sum(sq.to(backend.device)).item()
         return {"reg/l2_penalty": 0.5 * self.cfg.strength * total, "reg/l2_dist": math.sqrt(total)}
 
     def state_dict(self) -> dict[str, Any]:

@@ -30,24 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from migu_dist.backend import Backend
+from migu_dist.dist import all_gather_objects, barrier, print0
 
 MANIFEST = "manifest.json"
-
-
-def _all_gather_objects(obj: Any) -> list[Any]:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _crc32(path: Path) -> int:
@@ -147,7 +134,7 @@ class Checkpointer:
             except OSError as e:
                 print(f"checkpoint {tag}: cannot prepare {d}: {e}", flush=True)
                 ok = False
-        ok = all(_all_gather_objects(ok))
+        ok = all(all_gather_objects(ok))
         if ok:
             try:
                 assert self.backend is not None, "a Checkpointer without a backend only reads"
@@ -162,7 +149,7 @@ class Checkpointer:
                     f"[rank {self.rank}] checkpoint {tag} failed: {e}{_free(self.root)}", flush=True
                 )
                 ok = False
-            ok = all(_all_gather_objects(ok))
+            ok = all(all_gather_objects(ok))
         if ok:
             ok = self._write_manifest(d)
         if not ok:
@@ -173,7 +160,7 @@ class Checkpointer:
                     f"(latest: {self.latest_tag()}).",
                     flush=True,
                 )
-            _barrier()
+            barrier()
             return False
         if self.rank == 0:
             try:
@@ -184,7 +171,7 @@ class Checkpointer:
                 self._rotate(keep=tag)
             except OSError as e:  # the checkpoint itself is complete; load finds it anyway
                 print(f"checkpoint {tag}: updating latest/pinned failed: {e}", flush=True)
-        _barrier()
+        barrier()
         return True
 
     def latest_tag(self) -> str | None:
@@ -194,7 +181,7 @@ class Checkpointer:
 
     def _write_manifest(self, d: Path) -> bool:
         # Every rank checksums a share of the files, in parallel; rank 0 writes the manifest.
-        _barrier()
+        barrier()
         files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
         mine = {}
         try:
@@ -203,7 +190,7 @@ class Checkpointer:
                     mine[str(p.relative_to(d))] = {"size": p.stat().st_size, "crc32": _crc32(p)}
         except OSError:
             mine = None  # type: ignore[assignment]  # "this rank failed", gathered below
-        parts = _all_gather_objects(mine)
+        parts = all_gather_objects(mine)
         if any(p is None for p in parts):
             return False
         ok = True
@@ -216,7 +203,7 @@ class Checkpointer:
             except OSError as e:
                 print(f"checkpoint manifest failed: {e}", flush=True)
                 ok = False
-        return all(_all_gather_objects(ok))
+        return all(all_gather_objects(ok))
 
     def pinned(self) -> set[str]:
         p = self.root / "pinned"
@@ -293,7 +280,7 @@ class Checkpointer:
                     problem = _check_file(d / rel, rel, meta)
                     if problem:
                         break
-        problems = [p for p in _all_gather_objects(problem) if p]
+        problems = [p for p in all_gather_objects(problem) if p]
         return problems[0] if problems else None
 
     def find_latest_good(self) -> str | None:
@@ -303,23 +290,22 @@ class Checkpointer:
         candidates = self.complete_tags()
         pointed = self.latest_tag()
         if pointed is not None:
-            if self.rank == 0 and pointed not in candidates:
-                print(
+            if pointed not in candidates:
+                print0(
                     f"WARNING: latest points to {pointed}, which is missing or incomplete (no "
                     f"{MANIFEST}); looking for an earlier complete checkpoint.",
-                    flush=True,
+                    rank=self.rank,
                 )
             candidates = [t for t in candidates if t <= pointed]
         for tag in reversed(candidates):
             problem = self.verify_collective(self.root / tag)
             if problem is None:
                 return tag
-            if self.rank == 0:
-                print(
-                    f"WARNING: checkpoint {self.root / tag} is damaged ({problem}); falling back "
-                    "to the previous complete checkpoint.",
-                    flush=True,
-                )
+            print0(
+                f"WARNING: checkpoint {self.root / tag} is damaged ({problem}); falling back "
+                "to the previous complete checkpoint.",
+                rank=self.rank,
+            )
         return None
 
     def load(self, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from migu_dist.dist import all_reduce_sum, world
 from train import cl_metrics, plots
 from train.config import EvalConfig
 from train.tracking import JsonlLog, read_rows
@@ -101,18 +101,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def _plan_batches(lengths: Sequence[int], batch_size: int, *, same_length: bool) -> list[list[int]]:
     """Indices grouped into batches, longest first; depends on the data only, not the world."""
     if batch_size < 1:
@@ -140,9 +128,9 @@ def _run_sharded(
     device: torch.device | str,
 ) -> None:
     """Run this rank's share of ``batches``, then dummy forwards up to the busiest rank's count."""
-    rank, world = _world()
-    mine = batches[rank::world]
-    calls = -(-len(batches) // world)
+    rank, size = world()
+    mine = batches[rank::size]
+    calls = -(-len(batches) // size)
     for batch in mine:
         run_batch(batch)
     dummy = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -188,8 +176,8 @@ def heldout_perplexity(
 
     with eval_mode(model):
         _run_sharded(model, batches, run_batch, device=device)
-    nll_sum = _all_reduce_sum(nll).item()
-    n = int(_all_reduce_sum(tokens).item())
+    nll_sum = all_reduce_sum(nll).item()
+    n = int(all_reduce_sum(tokens).item())
     return {"nll_sum": nll_sum, "tokens": n, "ppl": math.exp(nll_sum / n) if n else math.nan}
 
 
@@ -331,7 +319,7 @@ def loglikelihoods(
 
     with eval_mode(model):
         _run_sharded(model, batches, run_batch, device=device)
-    return _all_reduce_sum(lls).tolist()
+    return all_reduce_sum(lls).tolist()
 
 
 def predictions(task: PreparedTask, lls: Sequence[float]) -> list[tuple[int, int]]:

@@ -33,8 +33,8 @@ from typing import Any
 
 import psutil
 
+from migu_dist.dist import all_gather_objects
 from train.checkpoint import Checkpointer
-from train.checkpoint import _all_gather_objects as all_gather_objects
 from train.config import Config
 
 LOCK = ".lock"

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from migu_dist import build_backend
 from migu_dist.backend import Backend
+from migu_dist.dist import print0
 from migu_dist.migu import Migu
 from migu_dist.parallelize import parallelize
 from migu_dist.regularize import L2Anchor
@@ -21,7 +22,7 @@ from train.model import build_model, empty_init, flops_per_token
 from train.resume import ResumeError, prepare_resume
 from train.schedule import lr_lambda
 from train.tokenizer import Tokenizer, load_tokenizer
-from train.tracking import NullTracker, Tracker, print0, truncate_jsonl
+from train.tracking import NullTracker, Tracker, truncate_jsonl
 from train.trainer import Trainer
 
 

@@ -21,12 +21,6 @@ from typing import Any
 from train.config import Config
 
 
-def print0(*args: Any, rank: int | None = None) -> None:
-    """Print on rank 0 only."""
-    if (rank if rank is not None else int(os.environ.get("RANK", 0))) == 0:
-        print(*args, flush=True)
-
-
 def truncate_jsonl(path: Path, max_step: int) -> None:
     """Drop rows with ``step > max_step``: a resumed run re-runs those steps and logs them
     again. Lines that are not JSON rows (the torn last line a kill or a full disk during a

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from migu_dist.backend import Backend
+from migu_dist.dist import all_reduce_sum, print0
 from migu_dist.migu import Migu
 from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
@@ -179,7 +180,7 @@ class Trainer:
             dtype=torch.float64,
             device=self.backend.device,
         )
-        self.backend.all_reduce_sum(flags)
+        all_reduce_sum(flags)
         return flags[0] / self.backend.world_size, bool(flags[1] == 0), bool(flags[2] > 0)
 
     def _handle_nonfinite(self, loss: torch.Tensor, grad_norm: float) -> bool:
@@ -195,15 +196,12 @@ class Trainer:
         )
         if policy == "stop" or self.state.consecutive_skips > self.cfg.train.max_skipped_steps:
             self.exit_reason = "nonfinite_loss"
-            if self.backend.rank == 0:
-                print(
-                    f"{what} at step {self.state.step}: stopping; the last good checkpoint is "
-                    "intact.",
-                    flush=True,
-                )
+            print0(
+                f"{what} at step {self.state.step}: stopping; the last good checkpoint is intact.",
+                rank=self.backend.rank,
+            )
             return False
-        if self.backend.rank == 0:
-            print(f"{what} at step {self.state.step}: step skipped.", flush=True)
+        print0(f"{what} at step {self.state.step}: step skipped.", rank=self.backend.rank)
         self.backend.skip_step()
         return True
 
@@ -280,8 +278,11 @@ class Trainer:
             or (c.every_steps and self.state.step % c.every_steps == 0)
             or self.state.step == self.max_steps
         )
-        if force and self.backend.rank == 0:
-            print(f"Stop signal: checkpoint at step {self.state.step}, then exit.", flush=True)
+        if force:
+            print0(
+                f"Stop signal: checkpoint at step {self.state.step}, then exit.",
+                rank=self.backend.rank,
+            )
         if due:
             self.save_checkpoint(pinned=phase_end and c.at_phase_end, last=force)
 
