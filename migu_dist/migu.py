@@ -128,7 +128,7 @@ class Migu:
         self.seed = seed
         self.layers: list[_Layer] = []
         self.token_mask: torch.Tensor | None = None  # (B, T) 1 = count this position
-        self.collecting = True
+        self.collecting = True  # bench/bench_train.py times steps with the statistics off
         self.prev_domain_keep: dict[str, torch.Tensor] = {}  # layer -> mean mask of last domain
         self._domain_steps = 0
         self._keep = quantile_row_mask if cfg.quantile_rule() else topk_row_mask
@@ -180,11 +180,6 @@ class Migu:
         """Start a new optimizer step's statistics."""
         for layer in self.layers:
             layer.stat.zero_()
-
-    def remove(self) -> None:
-        """Detach the hooks (only ours; the module's other hooks are untouched)."""
-        for layer in self.layers:
-            layer.handle.remove()
 
     # ---------------------------------------------------------------- masking
 

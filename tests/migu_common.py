@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from train.config import Config, MiguConfig, ModelConfig, TrainConfig, _build, parse_overrides
+from train.config import Config, MiguConfig, ModelConfig, TrainConfig, parse_config, parse_overrides
 
 VOCAB = 97
 
@@ -27,11 +27,7 @@ def tiny_config(overrides: list[str] | None = None) -> Config:
     cfg.optim.lr = 1e-2
     tree, problems = parse_overrides(overrides or [])
     assert not problems, problems
-    merged = _merge_into(cfg.to_dict(), tree)
-    errors: list[str] = []
-    out = _build(Config, merged, "", errors)
-    assert not errors, errors
-    return out
+    return parse_config(_merge_into(cfg.to_dict(), tree))
 
 
 def _merge_into(base: dict, over: dict) -> dict:

@@ -188,3 +188,22 @@ def test_every_numeric_field_declares_its_range():
         or not any(isinstance(m, Range) for m in typing.get_args(tp)[1:])
     ]
     assert not missing, f"numeric config fields without a Range: {missing}"
+
+
+def test_run_config_reads_a_saved_config_whose_files_are_elsewhere(tmp_path, capsys):
+    """Export and offline evaluation read a run's config.yaml on another machine: missing data
+    files are noted, not fatal; an unknown key or a wrong type still is."""
+    from train.export import run_config
+
+    saved = load_config("configs/tiny-cpu.yaml").to_dict()
+    saved["data"]["tokenizer"] = str(tmp_path / "elsewhere" / "tokenizer.model")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    cfg = run_config(tmp_path / "checkpoints", world_size=1)
+    assert cfg.to_dict() == saved
+    assert "does not validate on this machine" in capsys.readouterr().out
+    saved["model"]["hiden_size"] = 8
+    path.write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError) as e:
+        run_config(tmp_path / "checkpoints", world_size=1)
+    assert "model.hiden_size: unknown key" in str(e.value)

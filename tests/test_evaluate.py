@@ -17,6 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from train import evaluate as ev
+from train.cl_metrics import INITIAL_PHASE, INITIAL_PHASE_INDEX
 from train.config import EvalConfig, TaskConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,8 +250,8 @@ def test_evaluator_rows_report_and_plots(tmp_path):
         evaluator.evaluate(
             model,
             step=0,
-            phase=ev.INITIAL_PHASE,
-            phase_index=ev.INITIAL_PHASE_INDEX,
+            phase=INITIAL_PHASE,
+            phase_index=INITIAL_PHASE_INDEX,
             phase_end=False,
         )
     ]

@@ -45,6 +45,11 @@ from typing import Any, TypeGuard
 
 Matrix = Sequence[Sequence[float | None]]
 
+INITIAL_PHASE = "initial"
+"""Phase name of the optional evaluation of the starting model (step 0)."""
+INITIAL_PHASE_INDEX = -1
+"""Phase index of that row; it is the baseline of forward transfer."""
+
 
 def _ok(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x)

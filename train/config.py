@@ -549,12 +549,13 @@ def resolve(cfg: Config) -> None:
             mg.phases = [ph.name for ph in cfg.data.phases[1:]]
 
 
-def config_from_dict(data: dict[str, Any], world_size: int = 1) -> Config:
-    """Build and validate a config from a plain dict (as saved in a run directory)."""
+def parse_config(data: dict[str, Any]) -> Config:
+    """``data`` (a config as a plain dict, e.g. a run's saved config.yaml) as a :class:`Config`,
+    keys and types checked but neither resolved nor validated (:func:`load_config` does both):
+    for reading a config whose files may not exist on this machine. Raises :class:`ConfigError`
+    listing every unknown key and wrong type."""
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
-    resolve(cfg)
-    problems += validate(cfg, world_size)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -56,13 +56,9 @@ from torch import nn
 
 from migu_dist.dist import all_reduce_sum, world
 from train import cl_metrics, plots
+from train.cl_metrics import INITIAL_PHASE_INDEX
 from train.config import EvalConfig
 from train.tracking import JsonlLog, read_rows
-
-INITIAL_PHASE = "initial"
-"""Phase name of the optional evaluation of the starting model (step 0)."""
-INITIAL_PHASE_INDEX = -1
-"""Phase index of that row; it is the baseline of forward transfer."""
 
 
 class TokenizerLike(Protocol):
@@ -432,7 +428,8 @@ class Evaluator:
         "acc": {task: acc}, "acc_norm": {task: acc_norm}, "tokens": {domain: predicted tokens},
         "n": {task: examples}, "seconds"}``; a value that cannot be computed is None.
         For the baseline of forward transfer, evaluate the starting model with
-        ``step=0, phase=INITIAL_PHASE, phase_index=INITIAL_PHASE_INDEX`` (phase_end ignored).
+        ``step=0, phase=cl_metrics.INITIAL_PHASE, phase_index=INITIAL_PHASE_INDEX`` (phase_end
+        ignored).
         """
         start = time.perf_counter()
         bs = self.cfg.batch_size

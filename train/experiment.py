@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-INITIAL = "initial"
+from train.cl_metrics import INITIAL_PHASE
 
 
 def geomean(values: Sequence[float]) -> float:
@@ -69,7 +69,7 @@ def run_summary(
         raise ValueError(f"no phase-end evaluation for phase(s) {missing}: the run is unfinished")
     final = ends[list(phases)[-1]]
     out: dict[str, float] = {}
-    for name, row in [(INITIAL, initial), *ends.items()]:
+    for name, row in [(INITIAL_PHASE, initial), *ends.items()]:
         out[f"general_ppl/{name}"] = geomean([row["ppl"][d] for d in general])
         for domain, ppl in row["ppl"].items():
             out[f"ppl/{domain}/{name}"] = ppl

@@ -131,7 +131,7 @@ def plot_report(
         labels = list(phases)
         if report[kind].get("initial") is not None:
             matrix = [report[kind]["initial"], *matrix]
-            labels = ["initial", *labels]
+            labels = [cl_metrics.INITIAL_PHASE, *labels]
         return matrix, labels
 
     if report["domains"]:

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,9 +22,13 @@ from migu_dist.dist import all_reduce_sum, print0
 from migu_dist.migu import Migu
 from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
+from train.cl_metrics import INITIAL_PHASE, INITIAL_PHASE_INDEX
 from train.config import Config
 from train.data import Batch, CPTDataLoader, PhasePlan
 from train.tracking import NullTracker
+
+if TYPE_CHECKING:  # imported by the assembly only when evaluation is on (plots: matplotlib)
+    from train.evaluate import Evaluator
 
 
 @dataclass
@@ -69,7 +73,7 @@ class Trainer:
         *,
         migu: Migu | None = None,
         regularizer: L2Anchor | None = None,
-        evaluator: Any | None = None,
+        evaluator: Evaluator | None = None,
         checkpointer: Checkpointer | None = None,
         tracker: NullTracker | None = None,
     ):
@@ -247,7 +251,11 @@ class Trainer:
         if self.evaluator is None or self.state.step != 0 or not self.cfg.eval.at_start:
             return
         row = self.evaluator.evaluate(
-            self.backend.module, step=0, phase="initial", phase_index=-1, phase_end=True
+            self.backend.module,
+            step=0,
+            phase=INITIAL_PHASE,
+            phase_index=INITIAL_PHASE_INDEX,
+            phase_end=True,
         )
         self.tracker.log_eval(row)
 

@@ -12,8 +12,8 @@ Token-store domains (``store.py``) produce the same rows from a memory-mapped ar
 a rank reads only its own rows, and its state is one number, the tokens consumed.
 
 Resume: the state is the step counter (the mixture RNG is counter-based), per domain the
-position of the document in progress and how many of its tokens were emitted, token counters
-and bad-input counts, all taken at the last batch handed out, not at the workers' read-ahead.
+position of the document in progress and how many of its tokens were emitted, and bad-input
+counts, all taken at the last batch handed out, not at the workers' read-ahead.
 """
 
 from __future__ import annotations
@@ -137,8 +137,6 @@ class CPTDataLoader:
         )
         self._step = 0
         self._states: dict[str, dict[str, Any]] = {}
-        self._tokens_by_domain: dict[str, int] = {}
-        self._tokens_by_phase: dict[str, int] = {}
         self._executor: InlineExecutor | ProcessExecutor | None = None
         self._planned: dict[int, list[str]] = {}
         self._next_submit = 0
@@ -213,13 +211,9 @@ class CPTDataLoader:
         tokens_by_domain: dict[str, int] = {}
         for domain in picks:
             tokens_by_domain[domain] = tokens_by_domain.get(domain, 0) + self.seq_len
-        for domain, n in tokens_by_domain.items():
-            self._tokens_by_domain[domain] = self._tokens_by_domain.get(domain, 0) + n
+        for domain in tokens_by_domain:
             self._note_epoch(domain, chunks[domain].state["epoch"])
             self._states[domain] = chunks[domain].state
-        self._tokens_by_phase[plan.name] = (
-            self._tokens_by_phase.get(plan.name, 0) + self.seq_len * self.global_rows
-        )
         self._step += 1
         input_ids = torch.from_numpy(local).long()
         return Batch(
@@ -262,8 +256,6 @@ class CPTDataLoader:
             "seq_len": self.seq_len,
             "global_rows": self.global_rows,
             "streams": copy.deepcopy(self._states),
-            "tokens_by_domain": dict(self._tokens_by_domain),
-            "tokens_by_phase": dict(self._tokens_by_phase),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -285,20 +277,13 @@ class CPTDataLoader:
                 )
         self.close()
         self._step = int(state["step"])
+        # Token counts are the trainer's (TrainState); states saved before carry their own.
         self._states = copy.deepcopy(state["streams"])
-        self._tokens_by_domain = dict(state["tokens_by_domain"])
-        self._tokens_by_phase = dict(state["tokens_by_phase"])
 
     def epoch_by_domain(self) -> dict[str, int]:
         """Per domain read so far, how many times its data has wrapped around: 0 on the first
         pass over its files, 1 once it started over, ..."""
         return {d: int(s["epoch"]) for d, s in self._states.items()}
-
-    def tokens_consumed(self) -> dict[str, int]:
-        """Tokens of all global batches so far: ``domain/<name>`` and ``phase/<name>`` keys."""
-        out = {f"domain/{d}": n for d, n in self._tokens_by_domain.items()}
-        out.update({f"phase/{p}": n for p, n in self._tokens_by_phase.items()})
-        return out
 
     def bad_input_report(self) -> dict[str, Any]:
         """Rejected records per domain and file: ``{domain: {path: {"counts": {reason: n},
