@@ -27,7 +27,16 @@ ENGINES = {
 }
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched run: the repository importable (test workers import
+    ``tests.*`` and ``train.*`` without patching ``sys.path``), one intra-op thread."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", **extra)
+
+
 def free_port() -> int:
+    """A TCP port free on this host now (each distributed test takes its own: tests run
+    concurrently on one machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +68,7 @@ def run_cpt(
     script: str = "launch/cpt.py",
 ) -> subprocess.CompletedProcess:
     args = [f"output_dir={out_dir}", *(QUIET if quiet else []), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    env = launch_env(WANDB_MODE="offline")
     proc = subprocess.run(
         cpt_command(nproc, config, args, launcher, script),
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

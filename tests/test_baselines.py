@@ -3,32 +3,26 @@
 Replay (a per-phase share of earlier domains in every batch) is a data-loader feature; its
 share is tested in ``tests/test_data.py::test_phases_switch_and_mixture_matches_weights``.
 
-The distributed tests run this file itself as a worker under torchrun (2 ranks, gloo, CPU,
-real DeepSpeed ZeRO-3) and compare with an independent single-process reference written
-from the methods' definitions: L2 as an autograd penalty in the loss, MIGU on LoRA as hooks on
-the wrapped layer's output (rows of B) and on A's output (rows of A).
+The distributed tests run :func:`worker` on 2 ranks (gloo, CPU, real DeepSpeed ZeRO-3;
+``tests/conftest.py::run_distributed``) and compare with an independent single-process
+reference written from the methods' definitions: L2 as an autograd penalty in the loss, MIGU
+on LoRA as hooks on the wrapped layer's output (rows of B) and on A's output (rows of A).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from migu_dist.migu import Migu  # noqa: E402
-from migu_dist.regularize import L2Anchor  # noqa: E402
-from tests.migu_common import global_batch, tiny_config  # noqa: E402
-from train.config import ConfigError, load_config  # noqa: E402
-from train.model import build_model  # noqa: E402
+from migu_dist.migu import Migu
+from migu_dist.regularize import L2Anchor
+from tests.conftest import run_distributed
+from tests.migu_common import global_batch, tiny_config
+from train.config import ConfigError, load_config
+from train.model import build_model
 
 WORLD = 2
 PHASES = ["p0", "p1"]  # the worker's step 0 is in p0, the rest in p1 (L2 is on in p1 only)
@@ -37,7 +31,7 @@ PHASES = ["p0", "p1"]  # the worker's step 0 is in p0, the rest in p1 (L2 is on 
 # ------------------------------------------------------------------------ the worker
 
 
-def worker(out: str, overrides: list[str]) -> None:
+def worker(overrides: list[str]) -> dict:
     """One 2-rank ZeRO-3 run of ``max_steps`` steps, as train/run.py assembles it."""
     from migu_dist.deepspeed_backend import DeepSpeedBackend
 
@@ -78,19 +72,12 @@ def worker(out: str, overrides: list[str]) -> None:
     final = backend.full_state_dict()
     if r == 0:
         result.update(init=init, final=final)
-    torch.save(result, f"{out}.rank{r}")
+    return result
 
 
-def run_worker(tmp_path: Path, *overrides: str) -> list[dict]:
-    out = tmp_path / "result.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={WORLD}", __file__, "--worker", str(out), *overrides,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(WORLD)]
+def run_worker(*overrides: str) -> list[dict]:
+    """:func:`worker` on WORLD ranks (the backend sets up the process group, as in training)."""
+    return run_distributed(worker, list(overrides), world_size=WORLD, init_process_group=False)
 
 
 # ------------------------------------------------------------------------ the reference
@@ -220,7 +207,7 @@ def test_lora_migu_selects_adapter_rows_with_default_include():
 def test_l2_to_phase_start_matches_penalised_reference_zero3(tmp_path):
     """grad += strength * (w - w0) on each rank's shard == autograd of strength/2 ||w - w0||^2."""
     over = ["migu.enabled=false", "regularization.kind=l2", "regularization.strength=2.0"]
-    ranks = run_worker(tmp_path, *over, "train.max_steps=4")
+    ranks = run_worker(*over, "train.max_steps=4")
     res = ranks[0]
     cfg = tiny_config([*over, "train.max_steps=4"])
     ref = dense_reference(cfg, res["init"], l2=2.0)
@@ -240,7 +227,7 @@ def test_lora_with_migu_zero3_trains_only_adapters_and_masks_rows(tmp_path):
     pretrained = build_model(tiny_config().model, seed=11)
     pretrained.save_pretrained(hf)
     over = ["lora.enabled=true", "lora.r=4", "migu.enabled=true", f"model.init_from={hf}"]
-    ranks = run_worker(tmp_path, *over)
+    ranks = run_worker(*over)
     res = ranks[0]
     init, final = res["init"], res["final"]
     for k, v in pretrained.state_dict().items():  # peft renames a wrapped x.weight
@@ -261,7 +248,7 @@ def test_lora_with_migu_zero3_trains_only_adapters_and_masks_rows(tmp_path):
 
 
 def test_random_selection_zero3_same_mask_on_every_rank(tmp_path):
-    ranks = run_worker(tmp_path, "migu.selection=random", "train.max_steps=2")
+    ranks = run_worker("migu.selection=random", "train.max_steps=2")
     for m0, m1 in zip(ranks[0]["masks"], ranks[1]["masks"]):
         for a, b in zip(m0, m1):
             assert torch.equal(a, b)
@@ -292,9 +279,3 @@ def test_lora_l2_migu_run_resumes_with_anchor(tmp_path):
     rows = metrics(out)
     assert rows[-1]["step"] == 8
     assert all("reg/l2_dist" in r for r in rows if r["phase"] != "general")
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        worker(sys.argv[2], sys.argv[3:])
-        torch.distributed.destroy_process_group()  # not left to interpreter shutdown

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pytest
 import torch
 
 from migu_dist.fsdp2_backend import consolidate
-from tests.launch_util import ENGINES, fill, mount_tmpfs
+from tests.launch_util import ENGINES, fill, launch_env, mount_tmpfs
 from train.checkpoint import MANIFEST, Checkpointer, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def start(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc_per_node={nproc}", script, "--config", CONFIG, f"output_dir={out}"]
     log = open(f"{out}.log", "ab")  # noqa: SIM115 - closed by finish()
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = launch_env(PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
         cmd + BASE + ENGINES[backend] + list(extra),
         cwd=ROOT,

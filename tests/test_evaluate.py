@@ -1,21 +1,17 @@
 """Evaluation against independent single-process references, and 2-rank parity of the
 sharded model (DeepSpeed ZeRO-3 and FSDP2) with one process.
-
-Run as a script under torchrun (``--worker OUT BACKEND``) it is the worker of the 2-rank test.
 """
 
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests.conftest import run_distributed
 from train import evaluate as ev
 from train.cl_metrics import INITIAL_PHASE, INITIAL_PHASE_INDEX
 from train.config import EvalConfig, TaskConfig
@@ -26,7 +22,7 @@ SP_MODEL = REPO / "data" / "tokenizer" / "tokenizer.model"
 
 
 # --------------------------------------------------------------------------------------
-# Fixtures shared by the tests and the torchrun worker
+# Fixtures shared by the tests and the 2-rank worker
 # --------------------------------------------------------------------------------------
 
 
@@ -409,28 +405,14 @@ def _worker(out_dir, backend):
         max_len=MC_MAX_LEN,
     )
     result["row"] = evaluator.evaluate(engine, step=3, phase="p0", phase_index=0, phase_end=True)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
+    return result
 
 
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp2"])
 def test_two_rank_sharded_model_matches_one_process(tmp_path, backend):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        "--worker",
-        str(tmp_path),
-        backend,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    # The backends set up the process group themselves, as in training.
+    r0, r1 = run_distributed(_worker, str(tmp_path), backend, init_process_group=False)
 
     # ppl: 5 batches (16-token chunks in pairs, then the 12- and 9-token chunks alone) and
     # mc: 21 requests in 7 batches of 3 -> rank 1 has one batch less and pads with a dummy.
@@ -446,9 +428,3 @@ def test_two_rank_sharded_model_matches_one_process(tmp_path, backend):
         assert r["row"]["ppl"]["x"] == pytest.approx(want["ppl"]["ppl"], rel=1e-5)
     assert r0["lls"] == r1["lls"]  # all-reduced: bit-identical on both ranks
     assert len(ev.load_jsonl(tmp_path / "evals.jsonl")) == 1  # written by rank 0 only
-
-
-if __name__ == "__main__" and "--worker" in sys.argv:
-    at = sys.argv.index("--worker")
-    _worker(out_dir=sys.argv[at + 1], backend=sys.argv[at + 2])
-    torch.distributed.destroy_process_group()  # not left to interpreter shutdown

@@ -9,6 +9,7 @@ is committed on its own, and the aggregate equals a hand computation from the ra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -212,8 +213,14 @@ def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
 
 
 def _runner():
-    """scripts/run_experiments.py as a module (its tables of variants and phases)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import run_experiments
-
-    return run_experiments
+    """scripts/run_experiments.py as a module (its tables of variants and phases); loaded from
+    its file (scripts/ is no package), registered so that its dataclasses resolve."""
+    if "run_experiments" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "run_experiments", ROOT / "scripts" / "run_experiments.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["run_experiments"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["run_experiments"]

@@ -107,8 +107,7 @@ def two_ranks(request, family_dirs, broken_dirs, tmp_path_factory) -> tuple[str,
     runs.append(
         {"out": str(tmp / "extra.pt"), "overrides": overrides(engine, broken_dirs["extra"][0])}
     )
-    (tmp / "runs.json").write_text(json.dumps(runs))
-    launch_worker("--runs", str(tmp / "runs.json"), timeout=400)
+    launch_worker(runs, timeout=400)
     results = {name: torch.load(tmp / f"{name}.pt", weights_only=False) for name in RUNS}
     errors = {r: (tmp / f"extra.pt.error{r}").read_text() for r in range(2)}
     return engine, results, errors

@@ -24,7 +24,9 @@ import pytest
 import torch
 
 from migu_dist.fsdp2_backend import consolidate, is_fsdp2_checkpoint, row_range
+from tests.conftest import run_distributed
 from tests.launch_util import ENGINES, QUIET, ROOT, free_port, metrics, run_cpt
+from tests.workers import fsdp2_init
 from train.checkpoint import Checkpointer, tag_for
 from train.config import load_config
 from train.model import build_model
@@ -363,16 +365,12 @@ def test_fsdp2_from_hf_directory_builds_empty_and_loads_each_rank_shard(tmp_path
     cfg = load_config(ROOT / CONFIG)
     init = tmp_path / "init"
     build_model(cfg.model, seed=5).to(stored).save_pretrained(init)
-    out = tmp_path / "loaded.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "workers" / "fsdp2_init.py"), str(init), str(out)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stdout[-3000:] + "\n" + r.stderr[:3000] + r.stderr[-3000:]
-    assert "rank 0: closed" in r.stdout and "rank 1: closed" in r.stdout, r.stdout
-    got = torch.load(out, weights_only=False)
-    assert got["empty"] and got["was_meta"]
-    shapes = [torch.load(f"{out}.shapes{r}") for r in range(2)]
+    ranks = run_distributed(
+        fsdp2_init.load_empty, str(init), init_process_group=False, timeout=TIMEOUT
+    )
+    got = ranks[0]
+    assert all(r["was_meta"] for r in ranks)
+    shapes = [r["shapes"] for r in ranks]
     ref = LlamaForCausalLM.from_pretrained(init, dtype=torch.float32)
     for name, p in ref.named_parameters():
         rows = p.shape[0]

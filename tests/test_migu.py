@@ -8,12 +8,8 @@ AdamW run on the masked gradients.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,28 +17,26 @@ import torch
 
 from migu_dist.migu import Migu, quantile_row_mask, row_mask_for_range, topk_row_mask
 from migu_dist.parallelize import parallelize
+from tests.conftest import run_distributed
 from tests.migu_common import global_batch, tiny_config
+from tests.workers import migu_worker
 from train.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "workers" / "migu_worker.py"
 WORLD = 2
 
 
-def launch_worker(*args: str, timeout: int = 300) -> None:
-    """tests/workers/migu_worker.py on WORLD ranks with ``args``."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={WORLD}", str(WORKER), *args,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def launch_worker(specs: list[dict], timeout: int = 300) -> None:
+    """tests/workers/migu_worker.py's runs ``[{"out": OUT.pt, "overrides": [...]}, ...]`` on
+    WORLD ranks, in one process group (the backend sets it up, as in training)."""
+    run_distributed(
+        migu_worker.run_all, specs, world_size=WORLD, init_process_group=False, timeout=timeout
+    )
 
 
 def run_worker(tmp_path: Path, *overrides: str) -> dict:
     out = tmp_path / "result.pt"
-    launch_worker(str(out), *overrides)
+    launch_worker([{"out": str(out), "overrides": list(overrides)}])
     return torch.load(out, weights_only=False)
 
 
@@ -481,8 +475,7 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     all the cases together)."""
     tmp = tmp_path_factory.mktemp("bf16")
     specs = [{"out": str(tmp / f"{c}.pt"), "overrides": CASES[c]} for c in CASES]
-    (tmp / "runs.json").write_text(json.dumps(specs))
-    launch_worker("--runs", str(tmp / "runs.json"), timeout=600)
+    launch_worker(specs, timeout=600)
     return {c: torch.load(tmp / f"{c}.pt", weights_only=False) for c in CASES}
 
 

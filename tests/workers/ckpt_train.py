@@ -13,13 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-from launch.cpt import parse_args  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.run import build_trainer  # noqa: E402
+from launch.cpt import parse_args
+from train.config import load_config
+from train.run import build_trainer
 
 
 def fixed_input(vocab: int) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Runs MIGU on a real backend (``engine.backend``: DeepSpeed or FSDP2) for a few steps and
-saves what it did.
-
-    torchrun --standalone --nproc_per_node 2 tests/workers/migu_worker.py OUT.pt key=value ...
-    torchrun --standalone --nproc_per_node 2 tests/workers/migu_worker.py --runs RUNS.json
+saves what it did. :func:`run_all` is run on every rank by ``tests/conftest.py::run_distributed``
+(``tests/test_migu.py::launch_worker``), for several runs in one process group, each
+``{"out": OUT.pt, "overrides": [key=value, ...]}``.
 
 Each run takes ``train.max_steps`` steps as the trainer does: a non-finite loss ->
 ``skip_step``; else MIGU (when enabled and active in the phase), the L2 anchor
@@ -16,25 +15,19 @@ logits of the first step's first micro-batch before any step, the kept-row masks
 masked step, the losses, the gradient norm the backend reports for every step it takes, and
 the weights before/after each step.
 
-``--runs``: several runs in one launch (one process group), a JSON list of
-``{"out": OUT.pt, "overrides": [key=value, ...]}``. A run whose model cannot be built
-(ValueError, e.g. a refused ``model.init_from``) writes the message to ``OUT.pt.error<rank>``
-on every rank, and the next run starts.
+A run whose model cannot be built (ValueError, e.g. a refused ``model.init_from``) writes the
+message to ``OUT.pt.error<rank>`` on every rank, and the next run starts.
 """
 
-import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-from migu_dist import build_backend  # noqa: E402
-from migu_dist.migu import Migu  # noqa: E402
-from migu_dist.regularize import L2Anchor  # noqa: E402
-from tests.migu_common import global_batch, tiny_config  # noqa: E402
-from train.run import build_model_for  # noqa: E402
+from migu_dist import build_backend
+from migu_dist.migu import Migu
+from migu_dist.regularize import L2Anchor
+from tests.migu_common import global_batch, tiny_config
+from train.run import build_model_for
 
 PHASES = ["p0", "p1"]
 WORKER_KEYS = ("poison_step", "zero_layer")
@@ -117,10 +110,8 @@ def run(out: str, args: list[str]) -> None:
         )
 
 
-if __name__ == "__main__":
-    if sys.argv[1] == "--runs":
-        for spec in json.loads(Path(sys.argv[2]).read_text()):
-            run(spec["out"], spec["overrides"])
-    else:
-        run(sys.argv[1], sys.argv[2:])
-    torch.distributed.destroy_process_group()  # not left to interpreter shutdown (gloo aborts)
+def run_all(specs: list[dict]) -> None:
+    """Every run of ``specs`` in turn, in this process group (rank's part)."""
+    for spec in specs:
+        run(spec["out"], spec["overrides"])
+    torch.distributed.destroy_process_group()

@@ -12,15 +12,12 @@ while the forward, and so the loss, is unchanged. What an overflow in backward l
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
 
-import torch  # noqa: E402
-
-from launch.cpt import parse_args  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.run import build_trainer  # noqa: E402
+from launch.cpt import parse_args
+from train.config import load_config
+from train.run import build_trainer
 
 
 class InfGrad(torch.autograd.Function):
