@@ -77,9 +77,10 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from migu_dist import consolidate
     from migu_dist.dist import print0
     from train.evaluate import Evaluator, task_max_len
-    from train.export import ExportError, consolidated_state_dict, resolve_checkpoint, run_config
+    from train.export import ExportError, resolve_checkpoint, run_config
     from train.model import build_model
     from train.run import build_data, heldout_sets
     from train.tokenizer import load_tokenizer
@@ -100,7 +101,7 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
     cfg = run_config(root, world, args.config)
     state = json.loads((root / tag / "trainer_state.json").read_text())["train"]
     model = build_model(cfg.model, seed=cfg.train.seed)
-    model.load_state_dict(consolidated_state_dict(root, tag, cfg.engine.zero_stage))
+    model.load_state_dict(consolidate(root / tag))
     model.to(device)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)

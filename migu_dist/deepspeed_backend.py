@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -329,3 +330,19 @@ class DeepSpeedBackend(Backend):
         if self.rank != 0 or sd is None:
             return {}
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+
+def consolidate(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model state dict of a DeepSpeed checkpoint directory, in one process.
+
+    ZeRO 1-3 (``*zero_pp_rank_*`` files, the optimizer's partitions): DeepSpeed's own
+    ``zero_to_fp32`` reader stitches every rank's fp32 master partition back together. ZeRO-0
+    writes no partitions: the whole module is in ``mp_rank_00_model_states.pt``.
+    """
+    d = Path(ckpt_dir)
+    if not any(d.glob("*zero_pp_rank_*")):
+        states = torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)

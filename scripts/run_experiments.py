@@ -264,17 +264,16 @@ def initial_state(model_dir: Path) -> dict[str, Any]:
 
 def weight_changes(run_dir: Path, model_dir: Path) -> dict[str, float]:
     """L2 weight change over each phase, from the pinned phase-end checkpoints."""
+    from migu_dist import consolidate
     from train.checkpoint import tag_for
     from train.config import load_config
-    from train.export import consolidated_state_dict
 
     cfg = load_config(run_dir / "config.yaml")
     scale = cfg.lora.alpha / cfg.lora.r if cfg.lora.enabled else 0.0
     prev, step, out = initial_state(model_dir), 0, {}
-    zero_stage = cfg.engine.zero_stage
     for ph in cfg.data.phases:
         step += ph.steps or 0
-        end = consolidated_state_dict(run_dir / "checkpoints", tag_for(step), zero_stage)
+        end = consolidate(run_dir / "checkpoints" / tag_for(step))
         out[ph.name] = experiment.weight_change(prev, end, scale)
         prev = end
     return out

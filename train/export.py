@@ -2,9 +2,10 @@
 ``MistralForCausalLM``, ``Qwen2ForCausalLM``: that of ``init_from``'s config.json, else a Llama),
 in one process, on CPU.
 
-ZeRO shards are consolidated with DeepSpeed's own ``zero_to_fp32`` reader, which needs neither
-the original number of ranks nor a GPU: it reads every rank's fp32 master partition from the
-``*_optim_states.pt`` files and stitches each parameter back together. The exported directory
+The backend that wrote the checkpoint consolidates its shards (``migu_dist.consolidate``), with
+neither the original number of ranks nor a GPU: DeepSpeed's own ``zero_to_fp32`` reader
+stitches every rank's fp32 master partition back together, FSDP2's DCP files hold each shard
+with its global offsets. The exported directory
 holds ``config.json``, ``generation_config.json``, ``model.safetensors`` (sharded above 5 GB)
 and the tokenizer, and loads with ``AutoModelForCausalLM.from_pretrained``.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from migu_dist import consolidate
 from train.checkpoint import MANIFEST, Checkpointer
 from train.config import Config, ConfigError, load_config, parse_config
 
@@ -69,20 +71,6 @@ def run_config(root: Path, world_size: int, config_path: str | Path | None = Non
         return cfg
 
 
-def consolidated_state_dict(root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of checkpoint ``root/tag`` (keys as in the HF model)."""
-    from migu_dist.fsdp2_backend import consolidate, is_fsdp2_checkpoint
-
-    if is_fsdp2_checkpoint(root / tag):  # engine.backend=fsdp2: torch.distributed.checkpoint
-        return consolidate(root / tag)
-    if zero_stage == 0:  # no ZeRO partitions: DeepSpeed saved the whole module
-        states = torch.load(root / tag / "mp_rank_00_model_states.pt", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-
-
 def hf_config(cfg: Config, dtype: torch.dtype):
     """The transformers config the run trained: ``init_from``'s config.json, else the shape."""
     from train.model import hf_config as model_hf_config
@@ -115,7 +103,7 @@ def export_hf(
     cfg = cfg or run_config(root, world_size=state["world_size"])
     torch_dtype = DTYPES[dtype]
 
-    sd = consolidated_state_dict(root, tag, cfg.engine.zero_stage)
+    sd = consolidate(root / tag)
     config = hf_config(cfg, torch_dtype)
     with torch.device("meta"):  # no random init of a model we overwrite anyway
         model = causal_lm_class(config)(config)

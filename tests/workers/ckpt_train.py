@@ -53,9 +53,10 @@ def main() -> int:
 
 if __name__ == "__main__":
     rc = main()
-    # Exit without interpreter finalisation, as tests/workers/fsdp2_init.py does: with the
-    # 135M model one rank aborted at exit once in 2 runs here ("terminate called without an
-    # active exception", SIGABRT) after everything was saved and the process group destroyed.
+    # Exit without interpreter finalisation, as run_distributed's ranks do (tests/conftest.py):
+    # with the 135M model one rank aborted at exit once in 2 runs here ("terminate called
+    # without an active exception", SIGABRT) after everything was saved and the process group
+    # destroyed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
