@@ -116,12 +116,16 @@ class _Layer:
 
 
 class Migu:
-    """Collects output magnitudes and masks gradient rows before each optimizer step.
+    """Collects output magnitudes and masks gradient rows before each optimizer step: a
+    :class:`migu_dist.hooks.StepHook`.
 
-    Usage per optimizer step: forward/backward every micro-batch (the hooks collect),
-    then ``apply(backend, step, phase)`` between the last backward and ``backend.step()``,
-    which returns telemetry, then ``reset()``.
+    Usage per optimizer step: forward/backward every micro-batch (the hooks collect; a
+    forward's ``labels`` of -100 mark the positions left out), then ``apply(backend, step,
+    phase)`` between the last backward and ``backend.step()``, which returns telemetry, then
+    ``end_step()``.
     """
+
+    name = "migu"
 
     def __init__(self, cfg: MiguConfig, model: nn.Module, *, seed: int = 0):
         self.cfg = cfg
@@ -135,6 +139,7 @@ class Migu:
         self.layers = select_layers(cfg, model)
         for layer in self.layers:
             layer.handle = layer.module.register_forward_hook(self._make_hook(layer))
+        model.register_forward_pre_hook(self._read_token_mask, with_kwargs=True)
         if not self.layers:
             raise ValueError(
                 f"migu.include {cfg.include} matched no trainable nn.Linear or LoRA module; "
@@ -142,6 +147,14 @@ class Migu:
             )
 
     # ---------------------------------------------------------------- statistics
+
+    def _read_token_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the whole model: the positions of this forward to count are
+        those whose ``labels`` are not -100 (padding); None (all) without labels. One bool
+        read per micro-batch decides, so that an unpadded batch takes the plain reduction."""
+        labels = kwargs.get("labels")
+        ignored = labels == -100 if isinstance(labels, torch.Tensor) else None
+        self.token_mask = (~ignored).float() if ignored is not None and ignored.any() else None
 
     def _make_hook(self, layer: _Layer):
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -180,6 +193,9 @@ class Migu:
         """Start a new optimizer step's statistics."""
         for layer in self.layers:
             layer.stat.zero_()
+
+    def end_step(self) -> None:
+        self.reset()
 
     # ---------------------------------------------------------------- masking
 
@@ -259,8 +275,8 @@ class Migu:
             out["migu/jaccard_prev_domain"] = sum(jac_dom) / len(jac_dom)
         return out
 
-    def end_domain(self) -> None:
-        """Called at a phase boundary: the current domain's mean mask becomes the reference."""
+    def end_phase(self) -> None:
+        """At a phase boundary: the current domain's mean mask becomes the reference."""
         if self._domain_steps == 0:
             return
         self.prev_domain_keep = {

@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 
 
 class L2Anchor:
-    """Sharded L2-to-phase-start penalty. Per step: ``apply(backend, phase)`` just before
-    ``backend.step()``; its state (this rank's anchor shard) goes into the rank's checkpoint."""
+    """Sharded L2-to-phase-start penalty, a :class:`migu_dist.hooks.StepHook`. Per step:
+    ``apply(backend, step, phase)`` just before ``backend.step()``; its state (this rank's
+    anchor shard) goes into the rank's checkpoint."""
+
+    name = "regularizer"
 
     def __init__(self, cfg: RegularizationConfig, phase_names: list[str]):
         self.cfg = cfg
@@ -43,7 +46,7 @@ class L2Anchor:
         self.anchor_phase: str | None = None  # the phase whose start weights ``anchor`` holds
         self.anchor: dict[str, torch.Tensor] = {}  # name -> (local numel,) fp32
 
-    def active(self, phase: str | None) -> bool:
+    def active(self, step: int, phase: str | None) -> bool:
         return self.cfg.kind == "l2" and self.cfg.strength > 0 and phase in self.phases
 
     def snapshot(self, backend: Backend, phase: str) -> None:
@@ -51,10 +54,10 @@ class L2Anchor:
         self.anchor = {n: m.detach().float().clone() for n, _, m in backend.local_params()}
         self.anchor_phase = phase
 
-    def apply(self, backend: Backend, phase: str | None) -> dict[str, float]:
+    def apply(self, backend: Backend, step: int, phase: str | None) -> dict[str, float]:
         """Add ``strength * (w - w0)`` to this rank's gradient elements; returns telemetry
         (the penalty and the distance from the anchor, over all ranks)."""
-        if not self.active(phase):
+        if not self.active(step, phase):
             return {}
         if self.anchor_phase != phase:
             self.snapshot(backend, phase or "")
@@ -73,6 +76,12 @@ class L2Anchor:
             sq += diff.double().pow(2).sum().cpu()
         total = all_reduce_sum(sq.to(backend.device)).item()
         return {"reg/l2_penalty": 0.5 * self.cfg.strength * total, "reg/l2_dist": math.sqrt(total)}
+
+    def end_step(self) -> None:
+        pass
+
+    def end_phase(self) -> None:
+        pass  # the next phase's anchor is taken at its first active step
 
     def state_dict(self) -> dict[str, Any]:
         """Per rank: this rank's anchor shard."""

@@ -60,7 +60,7 @@ def worker(overrides: list[str]) -> dict:
             migu.apply(backend, step, phase)
             migu.reset()
         if reg is not None:
-            reg.apply(backend, phase)
+            reg.apply(backend, step, phase)
         backend.step()
     result = {
         "rank": r,

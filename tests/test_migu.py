@@ -279,12 +279,11 @@ def test_padding_positions_are_excluded():
     model = build_model(cfg.model, seed=0)
     migu = Migu(cfg.migu, model)
     x = global_batch(cfg, 0, 1)[:2]
-    migu.token_mask = torch.ones(2, x.shape[1])
-    migu.token_mask[:, 10:] = 0
-    model(input_ids=x)
+    labels = x.clone()
+    labels[:, 10:] = -100  # padding: left out of the statistics
+    model(input_ids=x, labels=labels)
     masked = [layer.stat.clone() for layer in migu.layers]
     migu.reset()
-    migu.token_mask = None
     # Causal attention: positions < 10 do not see the later ones, so the first 10 tokens
     # alone give the same per-position outputs.
     model(input_ids=x[:, :10])

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from migu_dist import build_backend
 from migu_dist.backend import Backend
 from migu_dist.dist import print0
+from migu_dist.hooks import StepHook
 from migu_dist.migu import Migu
 from migu_dist.parallelize import parallelize
 from migu_dist.regularize import L2Anchor
@@ -50,10 +51,11 @@ def build_trainer(cfg: Config) -> Trainer:
     rewarm = [p.start_step for p in phases if _phase_cfg(cfg, p.name).lr_at_start == "rewarm"]
 
     model = build_model_for(cfg, backend)
-    migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
-    reg = None
+    hooks: list[StepHook] = []  # in the order they act: MIGU masks, then L2 pulls
+    if cfg.migu.enabled:
+        hooks.append(Migu(cfg.migu, model, seed=cfg.train.seed))
     if cfg.regularization.kind != "none":
-        reg = L2Anchor(cfg.regularization, [p.name for p in phases])
+        hooks.append(L2Anchor(cfg.regularization, [p.name for p in phases]))
     backend.setup(model, lr_lambda(cfg.optim, cfg.train.max_steps, rewarm))
 
     evaluator = None
@@ -69,9 +71,7 @@ def build_trainer(cfg: Config) -> Trainer:
             is_main=backend.rank == 0,
             max_len=task_max_len(cfg.eval, model),
         )
-    trainer = Trainer(
-        cfg, backend, data, migu=migu, regularizer=reg, evaluator=evaluator, checkpointer=ckpt
-    )
+    trainer = Trainer(cfg, backend, data, hooks=hooks, evaluator=evaluator, checkpointer=ckpt)
     trainer.run_record = record
     trainer.lock = lock
     if cfg.logging.peak_tflops:

@@ -10,6 +10,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,7 @@ import torch
 
 from migu_dist.backend import Backend
 from migu_dist.dist import all_reduce_sum, print0
-from migu_dist.migu import Migu
-from migu_dist.regularize import L2Anchor
+from migu_dist.hooks import StepHook
 from train.checkpoint import Checkpointer
 from train.cl_metrics import INITIAL_PHASE, INITIAL_PHASE_INDEX
 from train.config import Config
@@ -71,8 +71,7 @@ class Trainer:
         backend: Backend,
         data: CPTDataLoader,
         *,
-        migu: Migu | None = None,
-        regularizer: L2Anchor | None = None,
+        hooks: Sequence[StepHook] = (),
         evaluator: Evaluator | None = None,
         checkpointer: Checkpointer | None = None,
         tracker: NullTracker | None = None,
@@ -80,8 +79,9 @@ class Trainer:
         self.cfg = cfg
         self.backend = backend
         self.data = data
-        self.migu = migu
-        self.regularizer = regularizer
+        self.hooks = list(hooks)
+        """Run in order between the last backward of a step and the optimizer step (MIGU's
+        masking before the L2 anchor's pull: ``migu_dist/hooks.py``)."""
         self.evaluator = evaluator
         self.ckpt = checkpointer
         self.tracker = tracker or NullTracker()
@@ -112,12 +112,12 @@ class Trainer:
             batch = self.data.next_batch()
             losses = [self.backend.forward_backward(mb) for mb in self._micro_batches(batch)]
             loss, finite, stop_requested = self._agree(torch.stack(losses).float().mean())
-            migu_stats, grad_norm = {}, float("nan")
+            hook_stats: dict[str, float] = {}
+            grad_norm = float("nan")
             if finite:
-                if self.migu is not None and self.migu.active(self.state.step, batch.phase):
-                    migu_stats = self.migu.apply(self.backend, self.state.step, batch.phase)
-                if self.regularizer is not None:  # snapshots the anchor at a phase's start
-                    migu_stats.update(self.regularizer.apply(self.backend, batch.phase))
+                for hook in self.hooks:
+                    if hook.active(self.state.step, batch.phase):
+                        hook_stats.update(hook.apply(self.backend, self.state.step, batch.phase))
                 # A finite loss can still come with inf/NaN gradients (an overflow in
                 # backward): the norm of what the optimizer would apply, agreed by all ranks.
                 grad_norm = self.backend.grad_norm()
@@ -128,9 +128,9 @@ class Trainer:
                 metrics = {"grad_norm": grad_norm, "lr": float("nan"), "skipped": True}
             else:
                 self.state.consecutive_skips = 0
-                metrics = {**self.backend.step(), **migu_stats}
-            if self.migu is not None:
-                self.migu.reset()
+                metrics = {**self.backend.step(), **hook_stats}
+            for hook in self.hooks:
+                hook.end_step()
             self.state.step += 1
             t_now = time.perf_counter()
             self._count_tokens(batch)
@@ -167,9 +167,6 @@ class Trainer:
             mb = {"input_ids": batch.input_ids[rows], "labels": batch.labels[rows]}
             if batch.position_ids is not None:
                 mb["position_ids"] = batch.position_ids[rows]
-            if self.migu is not None:
-                ignored = mb["labels"] == -100
-                self.migu.token_mask = (~ignored).float() if bool(ignored.any()) else None
             yield mb
 
     def _agree(self, local_loss: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
@@ -295,10 +292,11 @@ class Trainer:
             self.save_checkpoint(pinned=phase_end and c.at_phase_end, last=force)
 
     def end_phase(self) -> None:
-        """Phase boundary: MIGU's domain summary rolls over and the next phase starts."""
+        """Phase boundary: the hooks' phase ends (MIGU's domain summary rolls over) and the
+        next phase starts."""
         self.state.finished_phases.append(self.phase.name)
-        if self.migu is not None:
-            self.migu.end_domain()
+        for hook in self.hooks:
+            hook.end_phase()
         self.state.phase_index += 1
         if self.state.step < self.max_steps:
             self.tracker.set_phase(self.phase.name, self.phase.end_step - self.phase.start_step, 0)
@@ -315,8 +313,7 @@ class Trainer:
         rank_state = {
             "rng": rng_state(),
             "data": self.data.state_dict(),
-            "migu": self.migu.state_dict() if self.migu is not None else None,
-            "regularizer": self.regularizer.state_dict() if self.regularizer else None,
+            **{hook.name: hook.state_dict() for hook in self.hooks},
         }
         assert self.ckpt is not None
         ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
@@ -348,10 +345,9 @@ class Trainer:
         trainer_state, rank_state = source.load(tag)
         self.state = TrainState(**trainer_state["train"])
         self.data.load_state_dict(rank_state["data"])
-        if self.migu is not None and rank_state.get("migu") is not None:
-            self.migu.load_state_dict(rank_state["migu"])
-        if self.regularizer is not None and rank_state.get("regularizer") is not None:
-            self.regularizer.load_state_dict(rank_state["regularizer"])
+        for hook in self.hooks:
+            if rank_state.get(hook.name) is not None:  # None: saved by a run without it
+                hook.load_state_dict(rank_state[hook.name])
         set_rng_state(rank_state["rng"])
 
     def _install_signal_handlers(self) -> None:

@@ -87,7 +87,7 @@ def run(out: str, args: list[str]) -> None:
                 masks.append([m.cpu() for m in migu.compute_masks(step)])
                 migu.apply(backend, step, phase)
             if reg is not None:
-                reg.apply(backend, phase)
+                reg.apply(backend, step, phase)
             norms.append(backend.step()["grad_norm"])
         if migu is not None:
             migu.reset()
