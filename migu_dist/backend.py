@@ -10,7 +10,7 @@ import abc
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,7 @@ class GradFragment:
 class Backend(abc.ABC):
     """Set up, forward/backward, the pre-step hook where MIGU acts, step, save/load."""
 
+    cfg: BackendConfig
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -69,6 +70,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def module(self) -> nn.Module:
         """The callable model (wrapped); use for training and evaluation forwards."""
+
+    def train_batch(self, batch: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
+        """This rank's rows of one optimizer step (model inputs, each (rows, T); None entries
+        are left out): ``grad_accum`` micro-batches of ``micro_batch_size`` rows, forward and
+        backward each, gradients accumulated. Returns the mean of the micro-batches' losses
+        (detached, fp32)."""
+        mbs = self.cfg.micro_batch_size
+        losses = []
+        for i in range(self.cfg.grad_accum):
+            rows = slice(i * mbs, (i + 1) * mbs)
+            mb = {k: v[rows] for k, v in batch.items() if v is not None}
+            losses.append(self.forward_backward(mb))
+        return torch.stack(losses).float().mean()
 
     @abc.abstractmethod
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -110,8 +110,12 @@ class Trainer:
         t_last = time.perf_counter()
         while self.state.step < self.max_steps:
             batch = self.data.next_batch()
-            losses = [self.backend.forward_backward(mb) for mb in self._micro_batches(batch)]
-            loss, finite, stop_requested = self._agree(torch.stack(losses).float().mean())
+            inputs: dict[str, torch.Tensor | None] = {
+                "input_ids": batch.input_ids,
+                "labels": batch.labels,
+                "position_ids": batch.position_ids,  # None unless per-document positions
+            }
+            loss, finite, stop_requested = self._agree(self.backend.train_batch(inputs))
             hook_stats: dict[str, float] = {}
             grad_norm = float("nan")
             if finite:
@@ -158,16 +162,6 @@ class Trainer:
     @property
     def phase(self) -> PhasePlan:
         return self.phases[min(self.state.phase_index, len(self.phases) - 1)]
-
-    def _micro_batches(self, batch: Batch):
-        """Split this rank's rows of the global batch into grad_accum micro-batches."""
-        mbs = self.cfg.train.micro_batch_size
-        for i in range(self.cfg.train.grad_accum):
-            rows = slice(i * mbs, (i + 1) * mbs)
-            mb = {"input_ids": batch.input_ids[rows], "labels": batch.labels[rows]}
-            if batch.position_ids is not None:
-                mb["position_ids"] = batch.position_ids[rows]
-            yield mb
 
     def _agree(self, local_loss: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
         """One tiny all-reduce: the global mean loss, whether it is finite on every rank, and
