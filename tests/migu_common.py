@@ -1,10 +1,11 @@
-"""Shared by the MIGU tests and their distributed worker: a tiny config and fixed batches."""
+"""Shared by the MIGU tests and their distributed workers: a tiny config and fixed batches."""
 
 from __future__ import annotations
 
 import torch
 
 from train.config import Config, MiguConfig, ModelConfig, TrainConfig, parse_config, parse_overrides
+from train.data import Batch, PhasePlan
 
 VOCAB = 97
 
@@ -44,3 +45,35 @@ def global_batch(cfg: Config, step: int, world: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + step)
     rows = world * cfg.train.grad_accum * cfg.train.micro_batch_size
     return torch.randint(0, cfg.model.vocab_size, (rows, cfg.train.seq_len), generator=g)
+
+
+PHASES = ["p0", "p1"]  # fixed batches: step 0 is phase p0, every later step p1
+
+
+class FixedBatches:
+    """The trainer's data source for the 2-rank worker tests: step ``s`` gives this rank's rows
+    of :func:`global_batch` (labels = inputs), in phase p0 at step 0 and p1 after, so that a
+    single-process reference can replay the same batches."""
+
+    def __init__(self, cfg: Config, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.step = 0
+
+    def phases(self) -> list[PhasePlan]:
+        last = max(self.cfg.train.max_steps, 2)
+        return [PhasePlan(PHASES[0], 0, 0, 1), PhasePlan(PHASES[1], 1, 1, last)]
+
+    def next_batch(self) -> Batch:
+        t = self.cfg.train
+        local = t.micro_batch_size * t.grad_accum
+        rows = global_batch(self.cfg, self.step, self.world)[self.rank * local :][:local]
+        index = min(self.step, 1)
+        self.step += 1
+        tokens = rows.numel() * self.world
+        return Batch(rows, rows.clone(), None, PHASES[index], index, {"fixed": tokens})
+
+    def epoch_by_domain(self) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
