@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from train.config import Config, MiguConfig, ModelConfig, TrainConfig, parse_config, parse_overrides
 from train.data import Batch, PhasePlan
+from train.tracking import NullTracker
 
 VOCAB = 97
 
@@ -77,3 +80,49 @@ class FixedBatches:
 
     def state_dict(self) -> dict:
         return {"step": self.step}
+
+
+class StepRecorder:
+    """A last pre-step hook for the worker tests: the rows MIGU kept at every step it masked
+    and, with ``snapshots``, the full weights before and after every step (skipped ones too;
+    ``backend.full_state_dict()`` is collective, and every rank runs the hooks)."""
+
+    name = "step_recorder"
+
+    def __init__(self, migu: Any, backend: Any, *, snapshots: bool = False):
+        self.migu, self.backend = migu, backend
+        self.masks: list[list[torch.Tensor]] = []
+        self.snapshots: list[tuple[dict, dict]] = []
+        self._before = backend.full_state_dict() if snapshots else None
+
+    def active(self, step: int, phase: str | None) -> bool:
+        return self.migu is not None and self.migu.active(step, phase)
+
+    def apply(self, backend: Any, step: int, phase: str | None) -> dict[str, float]:
+        self.masks.append([layer.keep.clone() for layer in self.migu.layers])
+        return {}
+
+    def end_step(self) -> None:
+        if self._before is not None:
+            after = self.backend.full_state_dict()
+            self.snapshots.append((self._before, after))
+            self._before = after
+
+    def end_phase(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class RowRecorder(NullTracker):
+    """The metrics rows the trainer logs, kept in memory."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(dict(row))

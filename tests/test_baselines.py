@@ -20,7 +20,7 @@ import torch
 from migu_dist.migu import Migu
 from migu_dist.regularize import L2Anchor
 from tests.conftest import run_distributed
-from tests.migu_common import PHASES, FixedBatches, global_batch, tiny_config
+from tests.migu_common import PHASES, FixedBatches, StepRecorder, global_batch, tiny_config
 from train.config import ConfigError, load_config
 from train.model import build_model
 from train.run import build_model_for
@@ -32,39 +32,10 @@ WORLD = 2
 # ------------------------------------------------------------------------ the worker
 
 
-class MaskRecorder:
-    """A last pre-step hook: the rows MIGU kept at every step it masked."""
-
-    name = "mask_recorder"
-
-    def __init__(self, migu: Migu):
-        self.migu = migu
-        self.masks: list[list[torch.Tensor]] = []
-
-    def active(self, step: int, phase: str | None) -> bool:
-        return self.migu.active(step, phase)
-
-    def apply(self, backend, step: int, phase: str | None) -> dict[str, float]:
-        self.masks.append([layer.keep.clone() for layer in self.migu.layers])
-        return {}
-
-    def end_step(self) -> None:
-        pass
-
-    def end_phase(self) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 def worker(overrides: list[str]) -> dict:
     """One 2-rank ZeRO-3 run of ``max_steps`` steps: the model, MIGU and the L2 anchor as
     train/run.py assembles them, trained by ``Trainer.fit`` on fixed batches at a constant LR
-    (the reference's)."""
+    (the reference's); a last pre-step hook records the rows MIGU kept."""
     from migu_dist.deepspeed_backend import DeepSpeedBackend
 
     cfg = tiny_config(overrides)
@@ -72,16 +43,16 @@ def worker(overrides: list[str]) -> dict:
     model = build_model_for(cfg, backend)
     migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
     reg = L2Anchor(cfg.regularization, PHASES) if cfg.regularization.kind != "none" else None
-    recorder = MaskRecorder(migu) if migu is not None else None
-    hooks = [h for h in (migu, reg, recorder) if h is not None]
     backend.setup(model, lambda step: 1.0)
+    recorder = StepRecorder(migu, backend)
+    hooks = [h for h in (migu, reg, recorder) if h is not None]
     init = backend.full_state_dict()
     data = FixedBatches(cfg, backend.rank, backend.world_size)
     Trainer(cfg, backend, data, hooks=hooks).fit()  # a fixed batch source for the loader
     r = backend.rank
     result = {
         "rank": r,
-        "masks": recorder.masks if recorder else [],
+        "masks": recorder.masks,
         "layers": [x.name for x in migu.layers] if migu else [],
         "anchor_numel": sum(v.numel() for v in reg.anchor.values()) if reg else 0,
         "trainable_numel": sum(p.ds_numel for p in model.parameters() if p.requires_grad),

@@ -3,10 +3,11 @@ saves what it did. :func:`run_all` is run on every rank by ``tests/conftest.py::
 (``tests/test_migu.py::launch_worker``), for several runs in one process group, each
 ``{"out": OUT.pt, "overrides": [key=value, ...]}``.
 
-Each run takes ``train.max_steps`` steps as the trainer does: a non-finite loss ->
-``skip_step``; else MIGU (when enabled and active in the phase), the L2 anchor
-(``regularization.kind``), ``step``. Step 0 is phase ``p0``, later steps ``p1``. Worker
-options besides the config keys: ``poison_step=N`` makes the loss of step N NaN (the logits
+Each run assembles the model, MIGU (when enabled) and the L2 anchor (``regularization.kind``) as
+``train/run.py`` does and trains ``train.max_steps`` steps with ``Trainer.fit`` on fixed batches
+(``tests/migu_common.py::FixedBatches``: step 0 is phase ``p0``, later steps ``p1``) at a
+constant LR; a last pre-step hook records masks and weights. Worker options besides the
+config keys: ``poison_step=N`` makes the loss of step N NaN (the logits
 times NaN); ``zero_layer=NAME`` zeroes that linear's weight before training (its rows then
 tie).
 
@@ -19,6 +20,8 @@ A run whose model cannot be built (ValueError, e.g. a refused ``model.init_from`
 message to ``OUT.pt.error<rank>`` on every rank, and the next run starts.
 """
 
+import gc
+import signal
 from pathlib import Path
 
 import torch
@@ -26,10 +29,17 @@ import torch
 from migu_dist import build_backend
 from migu_dist.migu import Migu
 from migu_dist.regularize import L2Anchor
-from tests.migu_common import global_batch, tiny_config
+from tests.migu_common import (
+    PHASES,
+    FixedBatches,
+    RowRecorder,
+    StepRecorder,
+    global_batch,
+    tiny_config,
+)
 from train.run import build_model_for
+from train.trainer import Trainer
 
-PHASES = ["p0", "p1"]
 WORKER_KEYS = ("poison_step", "zero_layer")
 
 
@@ -59,39 +69,40 @@ def run(out: str, args: list[str]) -> None:
         zero_weight(model, opts["zero_layer"])
     migu = Migu(cfg.migu, model, seed=cfg.train.seed) if cfg.migu.enabled else None
     reg = L2Anchor(cfg.regularization, PHASES) if cfg.regularization.kind != "none" else None
-    poison = {"on": False}
-
-    def nan_logits(module, inputs, output):
-        return output * float("nan") if poison["on"] else output
-
-    model.lm_head.register_forward_hook(nan_logits)
     backend.setup(model, lambda step: 1.0)
     init = backend.full_state_dict()
-    local = cfg.train.micro_batch_size * cfg.train.grad_accum
+    recorder = StepRecorder(migu, backend, snapshots=True)
+    rows = RowRecorder()
+    data = FixedBatches(cfg, r, w)
+    trainer = Trainer(
+        cfg, backend, data, hooks=[h for h in (migu, reg, recorder) if h], tracker=rows
+    )
+    poison_step = int(opts.get("poison_step", -1))
+    training = {"on": False}
+    losses: list[float] = []
+
+    def nan_logits(module, inputs, output):
+        # data.step: batches handed out, the current step's included. Not trainer.state.step:
+        # a hook on the model referring to the trainer would keep this run's backend alive
+        # after it (a cycle), and with it DeepSpeed's ZeRO-3 construction context.
+        poisoned = training["on"] and data.step - 1 == poison_step
+        return output * float("nan") if poisoned else output
+
+    def record_loss(module, inputs, output):  # every training micro-batch's loss, in order
+        if training["on"] and getattr(output, "loss", None) is not None:
+            losses.append(float(output.loss))
+
+    model.lm_head.register_forward_hook(nan_logits)
+    model.register_forward_hook(record_loss)
     mbs = cfg.train.micro_batch_size
     with torch.no_grad():  # MIGU collects nothing without grad
         logits = backend.module(input_ids=global_batch(cfg, 0, w)[:mbs]).logits
-    masks, losses, snapshots, norms = [], [], [], []
-    for step in range(cfg.train.max_steps):
-        phase = PHASES[min(step, 1)]
-        poison["on"] = str(step) == opts.get("poison_step")
-        batch = global_batch(cfg, step, w)[r * local : (r + 1) * local]
-        for i in range(cfg.train.grad_accum):
-            mb = batch[i * mbs : (i + 1) * mbs]
-            losses.append(float(backend.forward_backward({"input_ids": mb, "labels": mb})))
-        before = backend.full_state_dict()
-        if not all(torch.isfinite(torch.tensor(losses[-cfg.train.grad_accum :]))):
-            backend.skip_step()
-        else:
-            if migu is not None and migu.active(step, phase):
-                masks.append([m.cpu() for m in migu.compute_masks(step)])
-                migu.apply(backend, step, phase)
-            if reg is not None:
-                reg.apply(backend, step, phase)
-            norms.append(backend.step()["grad_norm"])
-        if migu is not None:
-            migu.reset()
-        snapshots.append((before, backend.full_state_dict()))
+    training["on"] = True
+    trainer.fit()
+    # fit() left its stop-signal handlers installed, and they hold the trainer (and so this
+    # run's backend): put the defaults back so that nothing keeps the backend past the run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     final = backend.full_state_dict()
     if r == 0:
         torch.save(
@@ -100,11 +111,11 @@ def run(out: str, args: list[str]) -> None:
                 "empty": empty,
                 "final": final,
                 "logits": logits.float().cpu(),
-                "masks": masks,
+                "masks": recorder.masks,
                 "layers": [x.name for x in migu.layers] if migu else [],
                 "losses": losses,
-                "norms": norms,
-                "snapshots": snapshots,
+                "norms": [row["grad_norm"] for row in rows.rows if not row.get("skipped")],
+                "snapshots": recorder.snapshots,
             },
             out,
         )
@@ -114,4 +125,7 @@ def run_all(specs: list[dict]) -> None:
     """Every run of ``specs`` in turn, in this process group (rank's part)."""
     for spec in specs:
         run(spec["out"], spec["overrides"])
+        # Free the run's backend now: a ZeRO-3 run's HfDeepSpeedConfig, while alive, makes
+        # transformers build the next run's model partitioned, whatever its engine.
+        gc.collect()
     torch.distributed.destroy_process_group()
