@@ -200,25 +200,37 @@ def test_loader_gives_document_ids_by_default(tmp_path):
     def batches(**kw) -> list:
         cfg = DataConfig(
             tokenizer=str(ROOT / "data" / "tokenizer" / "tokenizer.model"),
-            domains={"d": DomainConfig(train=[str(tmp_path / "d.jsonl")])},
+            domains={"d": DomainConfig(train=[str(tmp_path / "d.jsonl")],
+                                       heldout=[str(tmp_path / "d.jsonl")])},
             phases=[PhaseConfig(name="p", domains={"d": 1.0})],
             **kw,
-        )
+        )  # fmt: skip
         loader = CPTDataLoader(cfg, tok, seq_len=16, micro_batch_size=2, grad_accum=1,
                                dp_rank=0, dp_world=1, seed=0, max_steps=4)  # fmt: skip
         with loader as dl:
+            heldout.append(
+                (dl.heldout_sequences("d", 100, 16), dl.heldout_document_ids("d", 100, 16))
+            )
             return [dl.next_batch() for _ in range(4)]
+
+    def by_bos(ids: list[int]) -> list[int]:
+        want, d = [], 0
+        for j, t in enumerate(ids):
+            d += int(j > 0 and t == tok.bos_id)
+            want.append(d)
+        return want
+
+    heldout: list = []
 
     assert DataConfig().cross_document_attention is False
     default = batches()
     for b in default:
         assert b.position_ids is None
         for ids, doc in zip(b.input_ids.tolist(), b.document_ids.tolist(), strict=True):
-            want, d = [], 0
-            for j, t in enumerate(ids):
-                d += int(j > 0 and t == tok.bos_id)
-                want.append(d)
-            assert doc == want
+            assert doc == by_bos(ids)
+    chunks, chunk_docs = heldout[0]  # held-out chunks (100 tokens in 16s), same ids
+    assert [len(c) for c in chunks] == [16] * 6 + [4]
+    assert [d.tolist() for d in chunk_docs] == [by_bos(c.tolist()) for c in chunks]
     assert sum(int(b.document_ids.max()) for b in default) > 4  # boundaries were seen
     both = batches(document_position_ids=True)
     for a, b in zip(default, both, strict=True):
