@@ -7,8 +7,10 @@ through the model on its own (tests/packing_common.per_document_logits), which t
 packed row must reproduce. On 2 ranks under ZeRO-3 and FSDP2: a changed token of document A
 changes no logit of the documents after it with the mask, and does without it (so the test
 can fail); MIGU's statistics equal a single-process reference over the same masked forward,
-padding excluded. flash_attention_2 cannot run here (no GPU, no flash-attn): only its inputs
-are tested.
+padding excluded. flash_attention_2 cannot run here (no GPU, no flash-attn): its inputs are
+checked by hand and against transformers, and a plain-torch kernel keeping
+``flash_attn_varlen_func``'s contract, registered with transformers, shows they reach the
+kernel through the model and give each document's own logits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+import torch.nn.functional as F
+from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from tests.families import FAMILIES, SHAPE
@@ -160,6 +163,59 @@ def test_masked_packed_logits_equal_each_document_alone(family, impl):
         after = slice(first_document_end(r), SEQ - (PAD_TAIL if r == 2 else 0))
         assert torch.equal(changed[r, after], base[r, after])
         assert (plain_changed[r, after] - plain[r, after]).abs().max() > 1e-3
+
+
+def _varlen_reference_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
+    """flash_attn_varlen_func's contract in plain torch, registered as an attention kernel:
+    the B * T tokens flattened, causal attention within each segment ``cu_seq_lens_q[i]:
+    cu_seq_lens_q[i + 1]``. (B, H, T, D) in, (B, T, H, D) out, as transformers' kernels."""
+    assert attention_mask is None and cu_seq_lens_q is not None
+    assert kwargs["cu_seq_lens_k"] is cu_seq_lens_q and kwargs["max_length_k"] == max_length_q
+    b, h, t, d = query.shape
+    rep = h // key.shape[1]
+    q, k, v = (
+        x.repeat_interleave(rep if x is not query else 1, dim=1) for x in (query, key, value)
+    )
+    q, k, v = (x.transpose(1, 2).reshape(b * t, h, d) for x in (q, k, v))
+    out = torch.empty_like(q)
+    bounds = cu_seq_lens_q.tolist()
+    assert max(e - s for s, e in zip(bounds, bounds[1:])) == max_length_q
+    for s, e in zip(bounds, bounds[1:]):
+        seg = [x[s:e].transpose(0, 1) for x in (q, k, v)]  # (H, L, D)
+        att = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scaling)
+        out[s:e] = att.transpose(0, 1)
+    return out.reshape(b, t, h, d), None
+
+
+def test_flash_path_inputs_reach_the_kernel_and_give_each_document_alone():
+    """flash-attn cannot run here; its inputs can: a kernel keeping flash_attn_varlen_func's
+    contract in plain torch, registered with transformers, gets the cu_seq_lens of the
+    flash_attention_2 masking through the model's layers and, from them alone (no mask),
+    gives each document's own logits, for rows of several documents (micro-batch of 3)."""
+    AttentionInterface.register("varlen_reference", _varlen_reference_attention)
+    cls, config = FAMILIES["llama2"]
+    torch.manual_seed(0)
+    model = cls._from_config(copy.deepcopy(config), attn_implementation="varlen_reference")
+    model.eval()
+    ids, docs, _ = packed_batch(3, VOCAB)
+    docs[-1, SEQ - PAD_TAIL :] = 3  # no padding on the flash path: full rows
+    flash = DocumentMasking("flash_attention_2")
+    with torch.no_grad():
+        got = model(input_ids=ids, **flash.inputs(docs, "cpu")).logits
+    model.set_attn_implementation("sdpa")
+    ref = torch.stack([per_document_logits(model, ids[r], docs[r]) for r in range(3)])
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
 
 
 def test_heldout_perplexity_with_documents_equals_per_document_reference():
