@@ -22,7 +22,11 @@ tokens of its own document:
   Why explicit and not transformers' detection from ``position_ids`` restarting at 0: that
   detection (``_is_packed_sequence``) only looks at batch size 1, so with a micro-batch of
   several rows it silently runs plain causal flash attention across documents; and it needs
-  restarted position ids, which ``data.document_position_ids`` may leave off.
+  restarted position ids, which ``data.document_position_ids`` may leave off. Not run on a
+  GPU yet (none here): tests/test_packing.py passes these inputs through transformers' Llama
+  into a plain-torch kernel that keeps ``flash_attn_varlen_func``'s contract. On a GPU
+  without flash-attn, ``auto`` resolves to sdpa, which then gets the mask (and cannot use its
+  own flash kernel, which takes no mask).
 
 Sliding-window models (Mistral with ``sliding_window`` set; Qwen2 with sliding layers): a 4-D
 mask replaces transformers' own, window included, so the window is applied here too
