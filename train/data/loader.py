@@ -353,9 +353,12 @@ class CPTDataLoader:
             store = TokenStore(dom.heldout_store)
             key = f"data.domains.{domain}.heldout_store"
             store.check(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos, key)
-            flat = torch.from_numpy(store.read(0, min(num_tokens, store.num_tokens))).long()
+            n = min(num_tokens, store.num_tokens)
+            flat = torch.from_numpy(store.read(0, n)).long()
             self._warn_short_heldout(domain, len(flat), num_tokens)
-            return list(flat.split(seq_len))
+            # The store's positions restart at each document start: its document index.
+            doc_flat = document_ids_from_positions(torch.from_numpy(store.positions(0, n)).long())
+            return list(flat.split(seq_len)), [d - d[0] for d in doc_flat.split(seq_len)]
         files = expand_globs(dom.heldout)
         if not files:
             log.warning("domain %r has no held-out files: no perplexity for it", domain)
