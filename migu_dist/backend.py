@@ -72,7 +72,7 @@ class Backend(abc.ABC):
         """The callable model (wrapped); use for training and evaluation forwards."""
 
     @abc.abstractmethod
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         """One micro-batch: forward, loss, backward (scaled for accumulation). Returns the
         unscaled mean token loss (detached)."""
 

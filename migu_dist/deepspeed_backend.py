@@ -161,8 +161,13 @@ class DeepSpeedBackend(Backend):
     def zero_stage(self) -> int:
         return self.cfg.engine.zero_stage
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        # Tensors to the device; ints (flash-attn's max_length_*) and mask mappings as given.
+        batch = {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if v is not None
+        }
         out = self.engine(**batch)
         self.engine.backward(out.loss)
         self._micro += 1

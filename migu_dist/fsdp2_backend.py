@@ -175,8 +175,13 @@ class FSDP2Backend(Backend):
         assert isinstance(self.model, FSDPModule)
         return self.model
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        # Tensors to the device; ints (flash-attn's max_length_*) and mask mappings as given.
+        batch = {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if v is not None
+        }
         accum = self.cfg.train.grad_accum
         # Reduce-scatter only on the step's last micro-batch; the others accumulate locally.
         self._fsdp().set_requires_gradient_sync(self._micro == accum - 1)

@@ -15,6 +15,7 @@ from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
 from train.model import build_model, flops_per_token
+from train.packing import DocumentMasking
 from train.resume import ResumeError, prepare_resume
 from train.schedule import lr_lambda
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -59,6 +60,7 @@ def build_trainer(cfg: Config) -> Trainer:
         reg = L2Anchor(cfg.regularization, [p.name for p in phases])
     backend.setup(model, lr_lambda(cfg.optim, cfg.train.max_steps, rewarm))
 
+    masking = None if cfg.data.cross_document_attention else DocumentMasking.for_model(model.config)
     evaluator = None
     if cfg.eval.every_steps or cfg.eval.at_phase_end:
         from train.evaluate import Evaluator, task_max_len
@@ -71,10 +73,13 @@ def build_trainer(cfg: Config) -> Trainer:
             device=backend.device,
             is_main=backend.rank == 0,
             max_len=task_max_len(cfg.eval, model),
+            heldout_documents=heldout_document_sets(cfg, data) if masking else None,
+            masking=masking,
         )
     trainer = Trainer(
-        cfg, backend, data, migu=migu, regularizer=reg, evaluator=evaluator, checkpointer=ckpt
-    )
+        cfg, backend, data, migu=migu, regularizer=reg, evaluator=evaluator, checkpointer=ckpt,
+        masking=masking,
+    )  # fmt: skip
     trainer.run_record = record
     trainer.lock = lock
     if cfg.logging.peak_tflops:
@@ -115,6 +120,16 @@ def heldout_sets(cfg: Config, data: CPTDataLoader) -> dict[str, list[torch.Tenso
         name: data.heldout_sequences(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
         for name, dom in cfg.data.domains.items()
         if dom.heldout or dom.heldout_store
+    }
+
+
+def heldout_document_sets(cfg: Config, data: CPTDataLoader) -> dict[str, list[torch.Tensor]]:
+    """Per domain of :func:`heldout_sets`, the document ids of each chunk (for evaluation
+    without cross-document attention)."""
+    return {
+        name: data.heldout_document_ids(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
+        for name, dom in cfg.data.domains.items()
+        if dom.heldout
     }
 
 

@@ -23,6 +23,7 @@ from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
 from train.config import Config
 from train.data import Batch, CPTDataLoader, PhasePlan
+from train.packing import DocumentMasking
 from train.tracking import NullTracker
 
 
@@ -71,7 +72,10 @@ class Trainer:
         evaluator: Any | None = None,
         checkpointer: Checkpointer | None = None,
         tracker: NullTracker | None = None,
+        masking: DocumentMasking | None = None,
     ):
+        """``masking``: how the model keeps packed documents apart; needed when the loader
+        gives document ids (``data.cross_document_attention: false``)."""
         self.cfg = cfg
         self.backend = backend
         self.data = data
@@ -80,6 +84,7 @@ class Trainer:
         self.evaluator = evaluator
         self.ckpt = checkpointer
         self.tracker = tracker or NullTracker()
+        self.masking = masking
         self.state = TrainState()
         self.phases: list[PhasePlan] = data.phases()
         self.max_steps = min(cfg.train.max_steps, self.phases[-1].end_step)
@@ -159,9 +164,13 @@ class Trainer:
         mbs = self.cfg.train.micro_batch_size
         for i in range(self.cfg.train.grad_accum):
             rows = slice(i * mbs, (i + 1) * mbs)
-            mb = {"input_ids": batch.input_ids[rows], "labels": batch.labels[rows]}
+            mb: dict[str, Any] = {"input_ids": batch.input_ids[rows], "labels": batch.labels[rows]}
             if batch.position_ids is not None:
                 mb["position_ids"] = batch.position_ids[rows]
+            if batch.document_ids is not None:
+                if self.masking is None:
+                    raise ValueError("the batches carry document ids: pass Trainer(masking=...)")
+                mb.update(self.masking.inputs(batch.document_ids[rows], self.backend.device))
             if self.migu is not None:
                 ignored = mb["labels"] == -100
                 self.migu.token_mask = (~ignored).float() if bool(ignored.any()) else None
