@@ -24,6 +24,46 @@ if TYPE_CHECKING:
     from train.config import Config, OptimConfig
 
 
+def write_durable(path: str | os.PathLike[str], data: bytes | Any) -> None:
+    """Write ``data`` (bytes, or an object for ``torch.save``) and fsync it: the manifest and
+    ``latest`` that follow must never point at data still only in the page cache."""
+    with open(path, "wb") as f:
+        if isinstance(data, bytes | bytearray | memoryview):
+            f.write(data)
+        else:
+            torch.save(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def stage(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are fresh host-memory copies (DTensors keep their mesh
+    and placements, with the local shard copied), so that a background write sees the state
+    of this moment while training goes on changing the originals. Dicts and lists are
+    copied; other leaves (numbers, strings, dtypes) are immutable and shared."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        local = obj.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(
+            local, obj.device_mesh, obj.placements, shape=obj.shape, stride=obj.stride()
+        )
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = obj.copy()  # keeps the dict's type (OrderedDict, defaultdict)
+        for k, v in obj.items():
+            out[k] = stage(v)
+        return out
+    if isinstance(obj, list):
+        return [stage(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(stage(v) for v in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(stage(v) for v in obj))
+    return obj
+
+
 @dataclass
 class GradFragment:
     """This rank's part of one parameter's reduced gradient.
@@ -118,10 +158,23 @@ class Backend(abc.ABC):
     def skip_step(self) -> None:
         """Drop this step's gradients without updating (non-finite loss or gradient norm)."""
 
-    @abc.abstractmethod
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         """Write this rank's shards (collective) plus ``client_state``. If a write fails
         (full disk), still complete the collectives the other ranks are in, then raise."""
+        self.snapshot(directory, tag, client_state, copy=False)(None)
+
+    @abc.abstractmethod
+    def snapshot(
+        self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
+    ) -> Callable[[Any], None]:
+        """Collective, in the step loop: take the state ``save`` writes and return the writer
+        of this rank's shards, called later (from a background thread when the checkpoint is
+        asynchronous) with the process group for its own collectives (None: the default).
+
+        ``copy``: the state is copied to host memory first, so the writer sees this moment's
+        state while training goes on; without it the writer must be called before the next
+        step. The writer must complete its collectives even when its writes fail (full disk),
+        then raise ``OSError`` or ``RuntimeError``."""
 
     @abc.abstractmethod
     def load(self, directory: str, tag: str) -> dict[str, Any]:

@@ -26,11 +26,20 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
+from migu_dist.backend import (
+    Backend,
+    GradFragment,
+    adamw,
+    ensure_world_env,
+    stage,
+    use_bf16,
+    write_durable,
+)
 from train.config import Config
 
 
@@ -306,7 +315,15 @@ class DeepSpeedBackend(Backend):
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    def snapshot(
+        self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
+    ) -> Callable[[Any], None]:
+        # DeepSpeed's save_checkpoint builds each file's state dict and hands it to its
+        # checkpoint engine; ours only keeps them (copied to host memory when ``copy``), and
+        # the returned writer torch.saves them. DeepSpeed's own asynchronous writers (the
+        # Decoupled/Fast engines) need its aio ops and pass live tensors to another process.
+        deferred = _DeferredWrites(copy)
+        live, self.engine.checkpoint_engine = self.engine.checkpoint_engine, deferred
         try:
             self.engine.save_checkpoint(
                 directory, tag=tag, client_state=client_state, save_latest=False
@@ -317,6 +334,9 @@ class DeepSpeedBackend(Backend):
             # writes succeeded are not left waiting in it, then report the failure.
             torch.distributed.barrier()
             raise
+        finally:
+            self.engine.checkpoint_engine = live
+        return deferred.write
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(
@@ -334,3 +354,34 @@ class DeepSpeedBackend(Backend):
         if self.rank != 0 or sd is None:
             return {}
         return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+
+class _DeferredWrites(CheckpointEngine):
+    """A DeepSpeed checkpoint engine that collects ``save(state_dict, path)`` calls and writes
+    them later (``write``), each file fsynced; loads are never routed here."""
+
+    def __init__(self, copy: bool):
+        super().__init__()
+        self.copy = copy
+        self.files: list[tuple[str, Any]] = []
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.files.append((path, stage(state_dict) if self.copy else state_dict))
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        raise NotImplementedError("only used for saving")
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def preserves_storage_sharing(self) -> bool:
+        # DeepSpeed clones some state dicts for such engines; ``stage`` copies anyway.
+        return not self.copy
+
+    def write(self, group: Any) -> None:
+        for path, state in self.files:
+            write_durable(path, state)
+        self.files = []

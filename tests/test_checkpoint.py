@@ -31,7 +31,7 @@ import torch
 
 from migu_dist.fsdp2_backend import consolidate
 from tests.launch_util import ENGINES, fill, mount_tmpfs
-from train.checkpoint import MANIFEST, Checkpointer, tag_for
+from train.checkpoint import MANIFEST, WRITE_DELAY_ENV, Checkpointer, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny-cpu.yaml"
@@ -269,6 +269,55 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(backend, reference, tmp
     assert {tag_for(4), tag_for(8), tag_for(12)} <= Checkpointer(ck).pinned()
     assert not half.exists(), "a later save cleans up the half-written directory"
     assert all(Checkpointer.verify(ck / t) is None for t in Checkpointer(ck).complete_tags())
+
+
+@pytest.mark.slow
+def test_async_save_killed_mid_write_resumes_like_the_sync_run(backend, reference, tmp_path):
+    """checkpoint.async_save with the write of every save held back by 6 s (the documented
+    test-only knob ``MIGU_CKPT_TEST_WRITE_DELAY_S``): training runs on past step 6 while the
+    step-6 checkpoint is still being written, and a SIGKILL of everything then leaves that
+    directory without a manifest and ``latest`` at the previous checkpoint (step 4, written
+    asynchronously as well). The restart, asynchronous without the delay, resumes from it and
+    ends with every metrics row and the final checkpoint's weights and AdamW moments bit-equal
+    to the synchronous reference run's: an asynchronous checkpoint holds the same state."""
+    ref = rows(reference)
+    out = tmp_path / "async"
+    ck = out / "checkpoints"
+    os.environ[WRITE_DELAY_ENV] = "6"
+    try:
+        proc = start(out, backend, ["checkpoint.async_save=true"])
+    finally:
+        del os.environ[WRITE_DELAY_ENV]
+    t0 = time.monotonic()
+    # Step 6's save starts once step 4's write is complete (one in flight): then ``latest``
+    # is step 4, and the step-7 row means the loop went on while step 6 is being written.
+    while not ((ck / "latest").is_file() and latest(out) == tag_for(4) and max(rows(out)) >= 7):
+        if proc.poll() is not None or time.monotonic() - t0 > TIMEOUT:
+            pytest.fail(f"run ended or stalled:\n{Path(f'{out}.log').read_text()[-3000:]}")
+        time.sleep(0.05)
+    kill_all(proc, signal.SIGKILL)
+    finish(proc, out)
+    assert latest(out) == tag_for(4)
+    assert (ck / tag_for(6)).is_dir() and not (ck / tag_for(6) / MANIFEST).exists()
+    assert Checkpointer.verify(ck / tag_for(4)) is None
+
+    Path(f"{out}.log").unlink()
+    rc, log = run(out, backend, ["checkpoint.async_save=true"])
+    assert rc == 0, log[-3000:]
+    assert resumed_step(log) == 4
+    assert_same_trajectory(out, ref, after=4)
+    assert latest(out) == tag_for(12)
+    assert Checkpointer.verify(ck / tag_for(12)) is None
+    for name, fn in [("weights", model_state), ("moments", None)]:
+        if fn is not None:
+            got = fn(ck, tag_for(12), backend)
+            want = fn(reference / "checkpoints", tag_for(12), backend)
+        else:
+            got = adam_moments(ck / tag_for(12), backend)
+            want = adam_moments(reference / "checkpoints" / tag_for(12), backend)
+        assert got.keys() == want.keys() and got, name
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{name} {k}"
 
 
 # ------------------------------------------------------------------------------ faults

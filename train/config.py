@@ -467,6 +467,13 @@ class CheckpointConfig:
     """Unpinned checkpoints to keep."""
     export_hf_at_phase_end: bool = False
     """Also write a Hugging Face directory at each phase boundary."""
+    async_save: bool = False
+    """Write checkpoints in the background: the step loop waits only for a copy of the state
+    in host memory (needs that much free RAM per rank: its shards with the AdamW moments),
+    then training goes on while a thread writes, fsyncs and checksums the files; ``latest``
+    moves only once every rank's files are written. One save in flight at a time; the final
+    save and a stop signal's save complete before the run exits. A crash during the write
+    resumes from the previous checkpoint."""
 
 
 @dataclass

@@ -31,7 +31,12 @@ def build_trainer(cfg: Config) -> Trainer:
     resumed, or the config changed in a way the checkpoint cannot take."""
     backend = build_backend(cfg)
     out = Path(cfg.output_dir)
-    ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
+    ckpt = Checkpointer(
+        out / "checkpoints",
+        backend,
+        keep_last=cfg.checkpoint.keep_last,
+        async_save=cfg.checkpoint.async_save,
+    )
     try:
         lock, source, record = prepare_resume(cfg, ckpt)
     except ResumeError:

@@ -145,6 +145,8 @@ class Trainer:
                     self.exit_reason = "signal"
                 break
             t_last = time.perf_counter()  # evaluation/checkpoint time is not step time
+        if self.ckpt is not None:  # a run stopped early: its asynchronous save, if in flight
+            self.ckpt.wait()
         if self.evaluator is not None and self.backend.rank == 0:
             self.evaluator.write_report(
                 [p.name for p in self.phases],
@@ -320,7 +322,10 @@ class Trainer:
         }
         assert self.ckpt is not None
         ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
-        if not ok and (last or self.state.step == self.max_steps):
+        final = last or self.state.step == self.max_steps
+        if ok and (final or (pinned and self.cfg.checkpoint.export_hf_at_phase_end)):
+            ok = self.ckpt.wait()  # asynchronous: complete before exiting or exporting
+        if not ok and final:
             self.exit_reason = "checkpoint_failed"
         if ok and pinned and self.cfg.checkpoint.export_hf_at_phase_end:
             self._export_phase()
