@@ -275,8 +275,8 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(backend, reference, tmp
 def test_async_save_killed_mid_write_resumes_like_the_sync_run(backend, reference, tmp_path):
     """checkpoint.async_save with the write of every save held back by 6 s (the documented
     test-only knob ``MIGU_CKPT_TEST_WRITE_DELAY_S``): training runs on past step 6 while the
-    step-6 checkpoint is still being written, and a SIGKILL of everything then leaves that
-    directory without a manifest and ``latest`` at the previous checkpoint (step 4, written
+    step-6 checkpoint is still being written, and a SIGKILL of everything then leaves it
+    without a manifest and ``latest`` at the previous checkpoint (step 4, written
     asynchronously as well). The restart, asynchronous without the delay, resumes from it and
     ends with every metrics row and the final checkpoint's weights and AdamW moments bit-equal
     to the synchronous reference run's: an asynchronous checkpoint holds the same state."""
@@ -298,7 +298,9 @@ def test_async_save_killed_mid_write_resumes_like_the_sync_run(backend, referenc
     kill_all(proc, signal.SIGKILL)
     finish(proc, out)
     assert latest(out) == tag_for(4)
-    assert (ck / tag_for(6)).is_dir() and not (ck / tag_for(6) / MANIFEST).exists()
+    # Step 6's files may be partly there (DeepSpeed) or not yet (DCP creates the directory
+    # when it writes); no manifest either way.
+    assert not (ck / tag_for(6) / MANIFEST).exists()
     assert Checkpointer.verify(ck / tag_for(4)) is None
 
     Path(f"{out}.log").unlink()
