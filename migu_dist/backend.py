@@ -27,41 +27,63 @@ if TYPE_CHECKING:
 def write_durable(path: str | os.PathLike[str], data: bytes | Any) -> None:
     """Write ``data`` (bytes, or an object for ``torch.save``) and fsync it: the manifest and
     ``latest`` that follow must never point at data still only in the page cache."""
-    with open(path, "wb") as f:
-        if isinstance(data, bytes | bytearray | memoryview):
+    if isinstance(data, bytes | bytearray | memoryview):
+        with open(path, "wb") as f:
             f.write(data)
-        else:
-            torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
+    else:
+        torch.save(data, path)  # to a path: torch writes natively, not through Python's write
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def stage(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are fresh host-memory copies (DTensors keep their mesh
-    and placements, with the local shard copied), so that a background write sees the state
-    of this moment while training goes on changing the originals. Dicts and lists are
-    copied; other leaves (numbers, strings, dtypes) are immutable and shared."""
-    from torch.distributed.tensor import DTensor
+class Stager:
+    """Copies state to host memory for a background write (what the step loop waits for).
 
-    if isinstance(obj, DTensor):
-        local = obj.to_local().detach().to("cpu", copy=True)
-        return DTensor.from_local(
-            local, obj.device_mesh, obj.placements, shape=obj.shape, stride=obj.stride()
-        )
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        out = obj.copy()  # keeps the dict's type (OrderedDict, defaultdict)
-        for k, v in obj.items():
-            out[k] = stage(v)
-        return out
-    if isinstance(obj, list):
-        return [stage(v) for v in obj]
-    if type(obj) is tuple:
-        return tuple(stage(v) for v in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(stage(v) for v in obj))
-    return obj
+    ``stage(obj)`` returns a copy of ``obj`` whose tensors are host-memory copies (DTensors
+    keep their mesh and placements, with the local shard copied), so that the write sees the
+    state of this moment while training goes on changing the originals. The copies go into
+    buffers kept from the previous save, matched by their place in ``obj``: a fresh allocation
+    page-faults every byte again, at GBs most of the stall. So one copy of the state stays in
+    host memory between saves; a buffer is reused only after the write that used it is done
+    (the Checkpointer lets one save be in flight). From CUDA, the buffers are pinned. Dicts
+    and lists are copied; other leaves (numbers, strings, dtypes) are immutable and shared."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def stage(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(obj, DTensor):
+            local = self._copy(obj.to_local(), key)
+            return DTensor.from_local(
+                local, obj.device_mesh, obj.placements, shape=obj.shape, stride=obj.stride()
+            )
+        if isinstance(obj, torch.Tensor):
+            return self._copy(obj, key)
+        if isinstance(obj, dict):
+            out = obj.copy()  # keeps the dict's type (OrderedDict, defaultdict)
+            for k, v in obj.items():
+                out[k] = self.stage(v, (*key, k))
+            return out
+        if isinstance(obj, list):
+            return [self.stage(v, (*key, i)) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(self.stage(v, (*key, i)) for i, v in enumerate(obj))
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+            return type(obj)(*(self.stage(v, (*key, i)) for i, v in enumerate(obj)))
+        return obj
+
+    def _copy(self, t: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+            self._buffers[key] = buf
+        return buf.copy_(t, non_blocking=t.is_cuda)
 
 
 @dataclass

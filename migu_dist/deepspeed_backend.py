@@ -34,9 +34,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from migu_dist.backend import (
     Backend,
     GradFragment,
+    Stager,
     adamw,
     ensure_world_env,
-    stage,
     use_bf16,
     write_durable,
 )
@@ -85,6 +85,7 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stager = Stager()  # host-memory copies for asynchronous checkpoints
         ensure_world_env()
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(
@@ -322,7 +323,7 @@ class DeepSpeedBackend(Backend):
         # checkpoint engine; ours only keeps them (copied to host memory when ``copy``), and
         # the returned writer torch.saves them. DeepSpeed's own asynchronous writers (the
         # Decoupled/Fast engines) need its aio ops and pass live tensors to another process.
-        deferred = _DeferredWrites(copy)
+        deferred = _DeferredWrites(self.stager if copy else None)
         live, self.engine.checkpoint_engine = self.engine.checkpoint_engine, deferred
         try:
             self.engine.save_checkpoint(
@@ -360,16 +361,18 @@ class _DeferredWrites(CheckpointEngine):
     """A DeepSpeed checkpoint engine that collects ``save(state_dict, path)`` calls and writes
     them later (``write``), each file fsynced; loads are never routed here."""
 
-    def __init__(self, copy: bool):
+    def __init__(self, stager: Stager | None):
         super().__init__()
-        self.copy = copy
+        self.stager = stager  # None: keep the live state (written before the next step)
         self.files: list[tuple[str, Any]] = []
 
     def create(self, info: Any) -> None:
         pass
 
     def save(self, state_dict: Any, path: str) -> None:
-        self.files.append((path, stage(state_dict) if self.copy else state_dict))
+        if self.stager is not None:  # one set of buffers per file (its name holds the rank)
+            state_dict = self.stager.stage(state_dict, (os.path.basename(path),))
+        self.files.append((path, state_dict))
 
     def load(self, path: str, map_location: Any = None) -> Any:
         raise NotImplementedError("only used for saving")
@@ -379,7 +382,7 @@ class _DeferredWrites(CheckpointEngine):
 
     def preserves_storage_sharing(self) -> bool:
         # DeepSpeed clones some state dicts for such engines; ``stage`` copies anyway.
-        return not self.copy
+        return self.stager is None
 
     def write(self, group: Any) -> None:
         for path, state in self.files:

@@ -57,9 +57,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from migu_dist.backend import (
     Backend,
     GradFragment,
+    Stager,
     adamw,
     ensure_world_env,
-    stage,
     use_bf16,
 )
 from migu_dist.optim import FreezableAdamW, local
@@ -98,6 +98,7 @@ class FSDP2Backend(Backend):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stager = Stager()  # host-memory copies for asynchronous checkpoints
         ensure_world_env()
         cuda = torch.cuda.is_available()
         if cuda:
@@ -302,7 +303,7 @@ class FSDP2Backend(Backend):
         path = Path(directory, tag)
         state = self._state(client_state)
         if copy:  # what DCP's async_save stages: every local shard copied to host memory
-            state = stage(state)
+            state = self.stager.stage(state)
 
         def write(group: Any) -> None:
             try:

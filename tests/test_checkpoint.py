@@ -636,3 +636,49 @@ def test_deepspeed_zero_to_fp32_script_reads_our_checkpoints(reference, tmp_path
     trained = torch.load(reference / "logits.pt", weights_only=False)["state_dict"]
     assert sd.keys() == trained.keys()
     assert all(torch.equal(sd[k], v) for k, v in trained.items())
+
+
+def test_stager_copies_are_a_snapshot_in_reused_buffers():
+    """What an asynchronous save writes is the state at the snapshot, not what training did
+    to it since; the second snapshot reuses the first one's host buffers (no new allocation)
+    and structure and non-tensor leaves are kept."""
+    from migu_dist.backend import Stager
+
+    w = torch.arange(6.0).reshape(2, 3)
+    state = {"model": {"w": w}, "optim": [{"step": torch.tensor(3.0), "lr": 0.1}], "t": (w[0],)}
+    stager = Stager()
+    first = stager.stage(state)
+    w.add_(100.0)  # training goes on
+    assert torch.equal(first["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert first["optim"][0]["lr"] == 0.1 and isinstance(first["t"], tuple)
+    assert first["model"]["w"].data_ptr() != w.data_ptr()
+    second = stager.stage(state)
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()
+    assert torch.equal(second["model"]["w"], w) and torch.equal(second["t"][0], w[0])
+
+
+def test_each_rank_verifies_the_files_it_loads():
+    """Checksumming at save and verification at load go to the rank that reads a file
+    (DeepSpeed's and DCP's shards, our per-rank state), modulo the current world size; the
+    other files are shared round-robin, and every file is covered."""
+    from train.checkpoint import _owners
+
+    files = [
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "__1_0.distcp",
+        "rank_00000.pt",
+        "rank_00003.pt",
+        ".metadata",
+        "trainer_state.json",
+        "zero_to_fp32.py",
+    ]
+    owner = _owners(files, world=2)
+    assert set(owner) == set(files)
+    assert owner["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1
+    assert owner["zero_pp_rank_0_mp_rank_00_model_states.pt"] == 0
+    assert owner["bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt"] == 0
+    assert owner["__1_0.distcp"] == 1 and owner["rank_00003.pt"] == 1
+    rest = [owner[f] for f in (".metadata", "trainer_state.json", "zero_to_fp32.py")]
+    assert sorted(rest) == [0, 0, 1]
