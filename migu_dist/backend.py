@@ -53,8 +53,18 @@ class Stager:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._from_cuda = False
 
     def stage(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
+        """The copy of ``obj``; ``key`` names it among the objects staged by this Stager (e.g.
+        the file it goes to), so that each reuses its own buffers."""
+        out = self._stage(obj, key)
+        if self._from_cuda:  # the copies into pinned memory are asynchronous: wait for them
+            torch.cuda.synchronize()
+            self._from_cuda = False
+        return out
+
+    def _stage(self, obj: Any, key: tuple[Any, ...]) -> Any:
         from torch.distributed.tensor import DTensor
 
         if isinstance(obj, DTensor):
@@ -67,14 +77,14 @@ class Stager:
         if isinstance(obj, dict):
             out = obj.copy()  # keeps the dict's type (OrderedDict, defaultdict)
             for k, v in obj.items():
-                out[k] = self.stage(v, (*key, k))
+                out[k] = self._stage(v, (*key, k))
             return out
         if isinstance(obj, list):
-            return [self.stage(v, (*key, i)) for i, v in enumerate(obj)]
+            return [self._stage(v, (*key, i)) for i, v in enumerate(obj)]
         if type(obj) is tuple:
-            return tuple(self.stage(v, (*key, i)) for i, v in enumerate(obj))
+            return tuple(self._stage(v, (*key, i)) for i, v in enumerate(obj))
         if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-            return type(obj)(*(self.stage(v, (*key, i)) for i, v in enumerate(obj)))
+            return type(obj)(*(self._stage(v, (*key, i)) for i, v in enumerate(obj)))
         return obj
 
     def _copy(self, t: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
@@ -83,6 +93,7 @@ class Stager:
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
             self._buffers[key] = buf
+        self._from_cuda |= t.is_cuda
         return buf.copy_(t, non_blocking=t.is_cuda)
 
 

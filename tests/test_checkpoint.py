@@ -682,3 +682,22 @@ def test_each_rank_verifies_the_files_it_loads():
     assert owner["__1_0.distcp"] == 1 and owner["rank_00003.pt"] == 1
     rest = [owner[f] for f in (".metadata", "trainer_state.json", "zero_to_fp32.py")]
     assert sorted(rest) == [0, 0, 1]
+
+
+def test_manifests_of_earlier_versions_zlib_crc32_still_verify(tmp_path):
+    """New manifests carry CRC32C; a checkpoint written before (zlib CRC32) still verifies,
+    and a flipped byte is still caught under either checksum."""
+    import zlib
+
+    import crc32c
+
+    data = bytes(range(256)) * 64
+    for kind, fn in [("crc32", zlib.crc32), ("crc32c", crc32c.crc32c)]:
+        d = tmp_path / kind
+        d.mkdir()
+        (d / "shard.pt").write_bytes(data)
+        files = {"shard.pt": {"size": len(data), kind: fn(data)}}
+        (d / MANIFEST).write_text(json.dumps({"files": files}))
+        assert Checkpointer.verify(d) is None, kind
+        flip_bytes(d / "shard.pt")
+        assert "checksum mismatch" in (Checkpointer.verify(d) or ""), kind

@@ -189,6 +189,7 @@ class Checkpointer:
         self.world = backend.world_size if backend is not None else 1
         self._thread: threading.Thread | None = None
         self._result = True  # of the last save written in the background
+        self._error: Exception | None = None  # a writer's unexpected exception, for ``wait``
         self._pg: Any = None
 
     # ---------------------------------------------------------------- save
@@ -239,7 +240,7 @@ class Checkpointer:
             return False
         job = (d, tag, write, buf.getbuffer(), state, pinned)
         if not self.async_save:
-            return self._write(*job, group=None)
+            return self._write(*job, group=None) and self.wait()  # wait: raise a writer's bug
         group = self._group()
         self._thread = threading.Thread(
             target=lambda: setattr(self, "_result", self._write(*job, group=group)),
@@ -252,12 +253,15 @@ class Checkpointer:
     def wait(self) -> bool:
         """Block until the save in flight (if any) is complete; whether it succeeded (True
         when there was none). Collective in effect: every rank's writer takes part."""
+        ok = True
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             ok, self._result = self._result, True
-            return ok
-        return True
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return ok
 
     def _group(self) -> Any:
         """The background writers' own process group (gloo: they gather Python objects and
@@ -289,6 +293,9 @@ class Checkpointer:
         except (OSError, RuntimeError) as e:
             # torch.save reports a full disk as a RuntimeError ("unexpected pos").
             print(f"[rank {self.rank}] checkpoint {tag} failed: {e}{_free(self.root)}", flush=True)
+            ok = False
+        except Exception as e:  # a bug: agree and clean up first, then raise it (``wait``)
+            self._error = e
             ok = False
         ok = all(_all_gather_objects(ok, group))
         if ok:
