@@ -8,8 +8,8 @@ Launches itself on ``--nproc`` ranks (torchrun, gloo on CPU) and builds one mode
 - ``tiny``: configs/tiny-cpu.yaml (4.2M parameters, ~50 MB with the AdamW moments);
 - ``smollm2``: SmolLM2-135M (configs/smollm2-135m-cpu.yaml, its real weights; ~1.6 GB fp32
   with the AdamW moments, 30 layers of small tensors);
-- ``synthetic``: a Llama of few large tensors (hidden 1024, 4 layers, 32k vocab, 84M
-  parameters, ~1.0 GB with the moments).
+- ``synthetic``: a Llama of few large tensors (hidden 1024, 4 layers, 32k vocab, untied
+  embeddings: 117M parameters, ~1.4 GB with the moments).
 
 It takes one optimizer step so that the optimizer state exists and one untimed asynchronous
 save (it allocates the host buffers later saves reuse: ``first_stall_s``), then per repeat,
