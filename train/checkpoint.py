@@ -240,7 +240,8 @@ class Checkpointer:
             return False
         job = (d, tag, write, buf.getbuffer(), state, pinned)
         if not self.async_save:
-            return self._write(*job, group=None) and self.wait()  # wait: raise a writer's bug
+            ok = self._write(*job, group=None)
+            return self.wait() and ok  # wait(): raises a writer's unexpected exception
         group = self._group()
         self._thread = threading.Thread(
             target=lambda: setattr(self, "_result", self._write(*job, group=group)),
