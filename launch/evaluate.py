@@ -82,7 +82,8 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
     from train.evaluate import Evaluator, task_max_len
     from train.export import ExportError, resolve_checkpoint, run_config
     from train.model import build_model
-    from train.run import build_data, heldout_sets
+    from train.packing import DocumentMasking
+    from train.run import build_data, heldout_document_sets, heldout_sets
     from train.tokenizer import load_tokenizer
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -107,6 +108,9 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     data = build_data(cfg, tokenizer, rank, world)
     heldout = heldout_sets(cfg, data)
+    # The same attention as in the job: documents apart unless the run let them attend.
+    masking = None if cfg.data.cross_document_attention else DocumentMasking.for_model(model.config)
+    documents = heldout_document_sets(cfg, data) if masking else None
     data.close()
     phases = data.phases()
     # The phase of the last trained step: start < step <= end.
@@ -116,7 +120,7 @@ def run_in_job_eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(
         cfg.eval, tokenizer, heldout, str(out), device=device, is_main=rank == 0,
-        max_len=task_max_len(cfg.eval, model),
+        max_len=task_max_len(cfg.eval, model), heldout_documents=documents, masking=masking,
     )  # fmt: skip
     row = evaluator.evaluate(
         model,

@@ -22,6 +22,79 @@ from migu_dist.config import BackendConfig, EngineConfig, OptimConfig
 from migu_dist.optim import FreezableAdamW
 
 
+def write_durable(path: str | os.PathLike[str], data: bytes | Any) -> None:
+    """Write ``data`` (bytes, or an object for ``torch.save``) and fsync it: the manifest and
+    ``latest`` that follow must never point at data still only in the page cache."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        with open(path, "wb") as f:
+            f.write(data)
+    else:
+        torch.save(data, path)  # to a path: torch writes natively, not through Python's write
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Stager:
+    """Copies state to host memory for a background write (what the step loop waits for).
+
+    ``stage(obj)`` returns a copy of ``obj`` whose tensors are host-memory copies (DTensors
+    keep their mesh and placements, with the local shard copied), so that the write sees the
+    state of this moment while training goes on changing the originals. The copies go into
+    buffers kept from the previous save, matched by their place in ``obj``: a fresh allocation
+    page-faults every byte again, at GBs most of the stall. So one copy of the state stays in
+    host memory between saves; a buffer is reused only after the write that used it is done
+    (the Checkpointer lets one save be in flight). From CUDA, the buffers are pinned. Dicts
+    and lists are copied; other leaves (numbers, strings, dtypes) are immutable and shared."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._from_cuda = False
+
+    def stage(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
+        """The copy of ``obj``; ``key`` names it among the objects staged by this Stager (e.g.
+        the file it goes to), so that each reuses its own buffers."""
+        out = self._stage(obj, key)
+        if self._from_cuda:  # the copies into pinned memory are asynchronous: wait for them
+            torch.cuda.synchronize()
+            self._from_cuda = False
+        return out
+
+    def _stage(self, obj: Any, key: tuple[Any, ...]) -> Any:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(obj, DTensor):
+            local = self._copy(obj.to_local(), key)
+            return DTensor.from_local(
+                local, obj.device_mesh, obj.placements, shape=obj.shape, stride=obj.stride()
+            )
+        if isinstance(obj, torch.Tensor):
+            return self._copy(obj, key)
+        if isinstance(obj, dict):
+            out = obj.copy()  # keeps the dict's type (OrderedDict, defaultdict)
+            for k, v in obj.items():
+                out[k] = self._stage(v, (*key, k))
+            return out
+        if isinstance(obj, list):
+            return [self._stage(v, (*key, i)) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(self._stage(v, (*key, i)) for i, v in enumerate(obj))
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+            return type(obj)(*(self._stage(v, (*key, i)) for i, v in enumerate(obj)))
+        return obj
+
+    def _copy(self, t: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty_like(t, device="cpu", pin_memory=t.is_cuda)
+            self._buffers[key] = buf
+        self._from_cuda |= t.is_cuda
+        return buf.copy_(t, non_blocking=t.is_cuda)
+
+
 @dataclass
 class GradFragment:
     """This rank's part of one parameter's reduced gradient.
@@ -71,21 +144,26 @@ class Backend(abc.ABC):
     def module(self) -> nn.Module:
         """The callable model (wrapped); use for training and evaluation forwards."""
 
-    def train_batch(self, batch: Mapping[str, torch.Tensor | None]) -> torch.Tensor:
-        """This rank's rows of one optimizer step (model inputs, each (rows, T); None entries
-        are left out): ``grad_accum`` micro-batches of ``micro_batch_size`` rows, forward and
-        backward each, gradients accumulated. Returns the mean of the micro-batches' losses
-        (detached, fp32)."""
+    def train_batch(
+        self,
+        batch: Mapping[str, torch.Tensor | None],
+        prepare: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None,
+    ) -> torch.Tensor:
+        """This rank's rows of one optimizer step (each (rows, T); None entries are left out):
+        ``grad_accum`` micro-batches of ``micro_batch_size`` rows, forward and backward each,
+        gradients accumulated. ``prepare`` turns a micro-batch's rows into the model's inputs
+        (e.g. document ids into attention masks); without it they are the inputs. Returns the
+        mean of the micro-batches' losses (detached, fp32)."""
         mbs = self.cfg.micro_batch_size
         losses = []
         for i in range(self.cfg.grad_accum):
             rows = slice(i * mbs, (i + 1) * mbs)
-            mb = {k: v[rows] for k, v in batch.items() if v is not None}
-            losses.append(self.forward_backward(mb))
+            mb: dict[str, Any] = {k: v[rows] for k, v in batch.items() if v is not None}
+            losses.append(self.forward_backward(prepare(mb) if prepare else mb))
         return torch.stack(losses).float().mean()
 
     @abc.abstractmethod
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
         """One micro-batch: forward, loss, backward (scaled for accumulation). Returns the
         unscaled mean token loss (detached)."""
 
@@ -131,10 +209,23 @@ class Backend(abc.ABC):
     def skip_step(self) -> None:
         """Drop this step's gradients without updating (non-finite loss or gradient norm)."""
 
-    @abc.abstractmethod
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         """Write this rank's shards (collective) plus ``client_state``. If a write fails
         (full disk), still complete the collectives the other ranks are in, then raise."""
+        self.snapshot(directory, tag, client_state, copy=False)(None)
+
+    @abc.abstractmethod
+    def snapshot(
+        self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
+    ) -> Callable[[Any], None]:
+        """Collective, in the step loop: take the state ``save`` writes and return the writer
+        of this rank's shards, called later (from a background thread when the checkpoint is
+        asynchronous) with the process group for its own collectives (None: the default).
+
+        ``copy``: the state is copied to host memory first, so the writer sees this moment's
+        state while training goes on; without it the writer must be called before the next
+        step. The writer must complete its collectives even when its writes fail (full disk),
+        then raise ``OSError`` or ``RuntimeError``."""
 
     @abc.abstractmethod
     def load(self, directory: str, tag: str) -> dict[str, Any]:

@@ -27,11 +27,20 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
+from migu_dist.backend import (
+    Backend,
+    GradFragment,
+    Stager,
+    adamw,
+    ensure_world_env,
+    use_bf16,
+    write_durable,
+)
 from migu_dist.config import BackendConfig
 from migu_dist.dist import all_reduce_sum
 
@@ -77,6 +86,7 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
+        self.stager = Stager()  # host-memory copies for asynchronous checkpoints
         ensure_world_env()
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(
@@ -162,8 +172,13 @@ class DeepSpeedBackend(Backend):
     def zero_stage(self) -> int:
         return self.cfg.engine.zero_stage
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        # Tensors to the device; ints (flash-attn's max_length_*) and mask mappings as given.
+        batch = {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if v is not None
+        }
         out = self.engine(**batch)
         self.engine.backward(out.loss)
         self._micro += 1
@@ -302,7 +317,15 @@ class DeepSpeedBackend(Backend):
 
     # ---------------------------------------------------------------- checkpoints
 
-    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    def snapshot(
+        self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
+    ) -> Callable[[Any], None]:
+        # DeepSpeed's save_checkpoint builds each file's state dict and hands it to its
+        # checkpoint engine; ours only keeps them (copied to host memory when ``copy``), and
+        # the returned writer torch.saves them. DeepSpeed's own asynchronous writers (the
+        # Decoupled/Fast engines) need its aio ops and pass live tensors to another process.
+        deferred = _DeferredWrites(self.stager if copy else None)
+        live, self.engine.checkpoint_engine = self.engine.checkpoint_engine, deferred
         try:
             self.engine.save_checkpoint(
                 directory, tag=tag, client_state=client_state, save_latest=False
@@ -313,6 +336,9 @@ class DeepSpeedBackend(Backend):
             # writes succeeded are not left waiting in it, then report the failure.
             torch.distributed.barrier()
             raise
+        finally:
+            self.engine.checkpoint_engine = live
+        return deferred.write
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(
@@ -346,3 +372,36 @@ def consolidate(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name)
+
+
+class _DeferredWrites(CheckpointEngine):
+    """A DeepSpeed checkpoint engine that collects ``save(state_dict, path)`` calls and writes
+    them later (``write``), each file fsynced; loads are never routed here."""
+
+    def __init__(self, stager: Stager | None):
+        super().__init__()
+        self.stager = stager  # None: keep the live state (written before the next step)
+        self.files: list[tuple[str, Any]] = []
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.stager is not None:  # one set of buffers per file (its name holds the rank)
+            state_dict = self.stager.stage(state_dict, (os.path.basename(path),))
+        self.files.append((path, state_dict))
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        raise NotImplementedError("only used for saving")
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def preserves_storage_sharing(self) -> bool:
+        # DeepSpeed clones some state dicts for such engines; ``stage`` copies anyway.
+        return self.stager is None
+
+    def write(self, group: Any) -> None:
+        for path, state in self.files:
+            write_durable(path, state)
+        self.files = []

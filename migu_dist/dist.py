@@ -37,20 +37,19 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order."""
-    size = world()[1]
-    if size > 1:
-        out: list[Any] = [None] * size
-        dist.all_gather_object(out, obj)
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; over ``group`` (default: all ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
         return out
     return [obj]
 
 
-def barrier() -> None:
-    """Wait for every rank."""
+def barrier(group: Any = None) -> None:
+    """Wait for every rank (of ``group``, default all)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def print0(*args: Any, rank: int | None = None) -> None:

@@ -54,7 +54,14 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from migu_dist.backend import Backend, GradFragment, adamw, ensure_world_env, use_bf16
+from migu_dist.backend import (
+    Backend,
+    GradFragment,
+    Stager,
+    adamw,
+    ensure_world_env,
+    use_bf16,
+)
 from migu_dist.config import BackendConfig
 from migu_dist.optim import FreezableAdamW, local
 
@@ -91,6 +98,7 @@ class FSDP2Backend(Backend):
 
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
+        self.stager = Stager()  # host-memory copies for asynchronous checkpoints
         ensure_world_env()
         cuda = torch.cuda.is_available()
         if cuda:
@@ -167,8 +175,13 @@ class FSDP2Backend(Backend):
         assert isinstance(self.model, FSDPModule)
         return self.model
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+    def forward_backward(self, batch: dict[str, Any]) -> torch.Tensor:
+        # Tensors to the device; ints (flash-attn's max_length_*) and mask mappings as given.
+        batch = {
+            k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+            if v is not None
+        }
         accum = self.cfg.grad_accum
         # Reduce-scatter only on the step's last micro-batch; the others accumulate locally.
         self._fsdp().set_requires_gradient_sync(self._micro == accum - 1)
@@ -276,14 +289,24 @@ class FSDP2Backend(Backend):
             "client": json.dumps(client_state),
         }
 
-    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+    def snapshot(
+        self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
+    ) -> Callable[[Any], None]:
         path = Path(directory, tag)
-        try:
-            # DCP gathers every rank's write result before returning, so a rank whose write
-            # failed (full disk) does not leave the others waiting; all ranks then raise.
-            dcp.save(self._state(client_state), checkpoint_id=str(path))
-        except CheckpointException as e:  # a BaseException: make it the Checkpointer's kind
-            raise RuntimeError(f"FSDP2 checkpoint {path} failed: {e}") from e
+        state = self._state(client_state)
+        if copy:  # what DCP's async_save stages: every local shard copied to host memory
+            state = self.stager.stage(state)
+
+        def write(group: Any) -> None:
+            try:
+                # DCP gathers every rank's write result before returning, so a rank whose
+                # write failed (full disk) does not leave the others waiting; all ranks then
+                # raise. Its FileSystemWriter fsyncs every file.
+                dcp.save(state, checkpoint_id=str(path), process_group=group)
+            except CheckpointException as e:  # a BaseException: make it the Checkpointer's
+                raise RuntimeError(f"FSDP2 checkpoint {path} failed: {e}") from e
+
+        return write
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
         assert self.optimizer is not None and self.scheduler is not None

@@ -31,8 +31,10 @@ migu_random (keep 0.3), 3 seeds each; with 1 seed: plain_lr1e-4, plain_lrmatch (
 is proportional to the LR, so this plain run moves the weights about as far as MIGU does),
 the keep-ratio sweep migu_keep0.1 / 0.6 / 1.0 (0.3 is migu_grad), replay (legal + 5%
 literature + 5% speeches, then science with 10% replay), l2 (strength 0.1 to each phase's
-start, not tuned), lora and lora_migu (r 8, alpha 16, same LR). 21 runs; all seed-1 runs
-come first, so a partial experiment covers every variant.
+start, not tuned), lora and lora_migu (r 8, alpha 16, same LR). 21 runs. The comparison that
+needs error bars runs first (``CORE``: plain, migu_grad, migu_random, plain_lr1e-4,
+plain_lrmatch, migu_update; all seed-1 runs, then seeds 2 and 3), then the sweep and the other
+baselines, so a partial experiment already answers the main question.
 
 Sizing. Measured (one process, one thread, fp32, SmolLM2-135M): forward+backward of 512
 tokens 5.2 CPU-s, forward 1.6 CPU-s; issue 14: 8.5 s per step of 2 ranks x 4 x 128 tokens
@@ -46,10 +48,11 @@ the step time, not the token count, sets Adam's step size, and 30 steps at LR 5e
 measurably), tasks only at the start and the end (``eval.tasks_at``), two cheap tasks.
 Precision: on this CPU (AMD EPYC with avx512_bf16) bf16 is faster, one process, one thread:
 forward+backward of 512 tokens 2.05 CPU-s against 5.2 in fp32 (2.5x), forward 0.56 against
-1.6 (2.9x). ``--precision bf16`` would therefore bring the estimate to roughly 1.5-2 h (the
-ZeRO-3 and optimizer overhead shrinks less). The default stays fp32: the in-job evaluation is
-cross-checked against lm-evaluation-harness in fp32, and bf16 at every ZeRO stage and with
-every method is still being validated (issue 13). An experiment is one setup: the runner
+1.6 (2.9x); the runner's default is therefore ``--precision bf16`` (bf16 weights and
+activations, fp32 master weights and optimizer state; the evaluation computes its losses in
+fp32 from the bf16 logits). Measured in bf16 on 2 ranks: a run takes about 1,000 s when the
+two cores are shared with other work (75 tokens/s per step when they are not, 38-45 when
+they are). An experiment is one setup: the runner
 refuses to add runs of another model, precision or size to an existing ``--out``.
 
 Resuming. A finished run leaves ``<out>/<run>.json`` (its phase-end evaluations, weight
@@ -144,6 +147,8 @@ VARIANTS: dict[str, Variant] = {
     "lora": Variant("LoRA r 8 (adapters only)", ["lora.enabled=true"]),
     "lora_migu": Variant("LoRA r 8 + MIGU grad", ["lora.enabled=true", *MIGU]),
 }
+# MIGU against plain at its LRs and the random-mask control: run first (``plan``).
+CORE = ["plain", "migu_grad", "migu_random", "plain_lr1e-4", "plain_lrmatch", "migu_update"]
 SWEEP = {0.1: "migu_keep0.1", 0.3: "migu_grad", 0.6: "migu_keep0.6", 1.0: "migu_keep1.0"}
 PLAIN_LRS = ["plain_lr1e-4", "plain_lrmatch", "plain"]
 
@@ -159,8 +164,16 @@ class Run:
 
 
 def plan(variants: list[str], max_seeds: int) -> list[Run]:
-    """Every (variant, seed), seed-major: all seed-1 runs first."""
-    return [Run(v, s) for s in SEEDS for v in variants if s in VARIANTS[v].seeds[:max_seeds]]
+    """Every (variant, seed): the comparison that needs seeds first (``CORE``, seed-major:
+    all of its seed-1 runs, then seed 2, then seed 3), then the other variants. A partial
+    experiment then already answers the main question with error bars."""
+    runs = [Run(v, s) for s in SEEDS for v in variants if s in VARIANTS[v].seeds[:max_seeds]]
+
+    def key(r: Run) -> tuple[int, int, int]:
+        core = r.variant in CORE
+        return (0, r.seed, CORE.index(r.variant)) if core else (1, 0, 0)  # stable otherwise
+
+    return sorted(runs, key=key)
 
 
 # --------------------------------------------------------------------------------------
@@ -595,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="ranks per run (default %(default)s)")
     ap.add_argument("--model", type=Path, help="starting model dir (default: SmolLM2-135M)")
     ap.add_argument("--tokenizer", type=Path, help="default: the model directory")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                     help="engine.precision of every run (default %(default)s)")  # fmt: skip
     ap.add_argument("--runs", type=Path, help="run directories (default runs/real[-quick])")
     ap.add_argument("--out", type=Path, help="result files and report (default "

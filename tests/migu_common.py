@@ -73,7 +73,15 @@ class FixedBatches:
         index = min(self.step, 1)
         self.step += 1
         tokens = rows.numel() * self.world
-        return Batch(rows, rows.clone(), None, PHASES[index], index, {"fixed": tokens})
+        return Batch(
+            input_ids=rows,
+            labels=rows.clone(),
+            position_ids=None,
+            document_ids=None,
+            phase=PHASES[index],
+            phase_index=index,
+            tokens_by_domain={"fixed": tokens},
+        )
 
     def epoch_by_domain(self) -> dict[str, int]:
         return {}

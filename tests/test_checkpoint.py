@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import torch
 
 from migu_dist.fsdp2_backend import consolidate
 from tests.launch_util import ENGINES, fill, launch_env, mount_tmpfs
-from train.checkpoint import MANIFEST, Checkpointer, tag_for
+from train.checkpoint import MANIFEST, WRITE_DELAY_ENV, Checkpointer, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny-cpu.yaml"
@@ -268,6 +269,57 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(backend, reference, tmp
     assert {tag_for(4), tag_for(8), tag_for(12)} <= Checkpointer(ck).pinned()
     assert not half.exists(), "a later save cleans up the half-written directory"
     assert all(Checkpointer.verify(ck / t) is None for t in Checkpointer(ck).complete_tags())
+
+
+@pytest.mark.slow
+def test_async_save_killed_mid_write_resumes_like_the_sync_run(backend, reference, tmp_path):
+    """checkpoint.async_save with the write of every save held back by 6 s (the documented
+    test-only knob ``MIGU_CKPT_TEST_WRITE_DELAY_S``): training runs on past step 6 while the
+    step-6 checkpoint is still being written, and a SIGKILL of everything then leaves it
+    without a manifest and ``latest`` at the previous checkpoint (step 4, written
+    asynchronously as well). The restart, asynchronous without the delay, resumes from it and
+    ends with every metrics row and the final checkpoint's weights and AdamW moments bit-equal
+    to the synchronous reference run's: an asynchronous checkpoint holds the same state."""
+    ref = rows(reference)
+    out = tmp_path / "async"
+    ck = out / "checkpoints"
+    os.environ[WRITE_DELAY_ENV] = "6"
+    try:
+        proc = start(out, backend, ["checkpoint.async_save=true"])
+    finally:
+        del os.environ[WRITE_DELAY_ENV]
+    t0 = time.monotonic()
+    # Step 6's save starts once step 4's write is complete (one in flight): then ``latest``
+    # is step 4, and the step-7 row means the loop went on while step 6 is being written.
+    while not ((ck / "latest").is_file() and latest(out) == tag_for(4) and max(rows(out)) >= 7):
+        if proc.poll() is not None or time.monotonic() - t0 > TIMEOUT:
+            pytest.fail(f"run ended or stalled:\n{Path(f'{out}.log').read_text()[-3000:]}")
+        time.sleep(0.05)
+    kill_all(proc, signal.SIGKILL)
+    finish(proc, out)
+    assert latest(out) == tag_for(4)
+    # Step 6's files may be partly there (DeepSpeed) or not yet (DCP creates the directory
+    # when it writes); no manifest either way.
+    assert not (ck / tag_for(6) / MANIFEST).exists()
+    assert Checkpointer.verify(ck / tag_for(4)) is None
+
+    Path(f"{out}.log").unlink()
+    rc, log = run(out, backend, ["checkpoint.async_save=true"])
+    assert rc == 0, log[-3000:]
+    assert resumed_step(log) == 4
+    assert_same_trajectory(out, ref, after=4)
+    assert latest(out) == tag_for(12)
+    assert Checkpointer.verify(ck / tag_for(12)) is None
+    for name, fn in [("weights", model_state), ("moments", None)]:
+        if fn is not None:
+            got = fn(ck, tag_for(12), backend)
+            want = fn(reference / "checkpoints", tag_for(12), backend)
+        else:
+            got = adam_moments(ck / tag_for(12), backend)
+            want = adam_moments(reference / "checkpoints" / tag_for(12), backend)
+        assert got.keys() == want.keys() and got, name
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{name} {k}"
 
 
 # ------------------------------------------------------------------------------ faults
@@ -584,3 +636,68 @@ def test_deepspeed_zero_to_fp32_script_reads_our_checkpoints(reference, tmp_path
     trained = torch.load(reference / "logits.pt", weights_only=False)["state_dict"]
     assert sd.keys() == trained.keys()
     assert all(torch.equal(sd[k], v) for k, v in trained.items())
+
+
+def test_stager_copies_are_a_snapshot_in_reused_buffers():
+    """What an asynchronous save writes is the state at the snapshot, not what training did
+    to it since; the second snapshot reuses the first one's host buffers (no new allocation)
+    and structure and non-tensor leaves are kept."""
+    from migu_dist.backend import Stager
+
+    w = torch.arange(6.0).reshape(2, 3)
+    state = {"model": {"w": w}, "optim": [{"step": torch.tensor(3.0), "lr": 0.1}], "t": (w[0],)}
+    stager = Stager()
+    first = stager.stage(state)
+    w.add_(100.0)  # training goes on
+    assert torch.equal(first["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert first["optim"][0]["lr"] == 0.1 and isinstance(first["t"], tuple)
+    assert first["model"]["w"].data_ptr() != w.data_ptr()
+    second = stager.stage(state)
+    assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()
+    assert torch.equal(second["model"]["w"], w) and torch.equal(second["t"][0], w[0])
+
+
+def test_each_rank_verifies_the_files_it_loads():
+    """Checksumming at save and verification at load go to the rank that reads a file
+    (DeepSpeed's and DCP's shards, our per-rank state), modulo the current world size; the
+    other files are shared round-robin, and every file is covered."""
+    from train.checkpoint import _owners
+
+    files = [
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+        "__1_0.distcp",
+        "rank_00000.pt",
+        "rank_00003.pt",
+        ".metadata",
+        "trainer_state.json",
+        "zero_to_fp32.py",
+    ]
+    owner = _owners(files, world=2)
+    assert set(owner) == set(files)
+    assert owner["zero_pp_rank_1_mp_rank_00_optim_states.pt"] == 1
+    assert owner["zero_pp_rank_0_mp_rank_00_model_states.pt"] == 0
+    assert owner["bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt"] == 0
+    assert owner["__1_0.distcp"] == 1 and owner["rank_00003.pt"] == 1
+    rest = [owner[f] for f in (".metadata", "trainer_state.json", "zero_to_fp32.py")]
+    assert sorted(rest) == [0, 0, 1]
+
+
+def test_manifests_of_earlier_versions_zlib_crc32_still_verify(tmp_path):
+    """New manifests carry CRC32C; a checkpoint written before (zlib CRC32) still verifies,
+    and a flipped byte is still caught under either checksum."""
+    import zlib
+
+    import crc32c
+
+    data = bytes(range(256)) * 64
+    for kind, fn in [("crc32", zlib.crc32), ("crc32c", crc32c.crc32c)]:
+        d = tmp_path / kind
+        d.mkdir()
+        (d / "shard.pt").write_bytes(data)
+        files = {"shard.pt": {"size": len(data), kind: fn(data)}}
+        (d / MANIFEST).write_text(json.dumps({"files": files}))
+        assert Checkpointer.verify(d) is None, kind
+        flip_bytes(d / "shard.pt")
+        assert "checksum mismatch" in (Checkpointer.verify(d) or ""), kind

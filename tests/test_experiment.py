@@ -202,7 +202,7 @@ def test_quick_pipeline_interrupt_resume_aggregate(tiny_model, tmp_path):
         assert agg[variant]["forgetting"]["n"] == 2
     assert vals[0] != vals[1]  # the seeds differ (data order, masks)
     # runs of another setup are never mixed into this experiment
-    other = subprocess.run([*cmd, "--precision", "bf16"], cwd=ROOT, env=env, capture_output=True,
+    other = subprocess.run([*cmd, "--precision", "fp32"], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=300)  # fmt: skip
     assert other.returncode != 0 and "use the same options to continue it" in other.stderr
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tests.launch_util import ENGINES, ROOT, metrics, run_cpt
+from tests.packing_common import per_document_logits
 from tests.test_data import make_loader, write_jsonl
 from train.config import DataConfig, DomainConfig, PhaseConfig, load_config
 from train.run import build_data
@@ -90,16 +91,20 @@ def hf_model(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
 
 
-def first_global_batch(out: Path) -> torch.Tensor:
-    """Step 1's (global rows, seq_len) input ids of a 2-rank run: rank 0's rows, then rank 1's,
-    read again in this process through the run's own config."""
+def first_global_batch(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1's (global rows, seq_len) input ids of a 2-rank run and their document ids (the
+    run keeps documents apart in attention, the default): rank 0's rows, then rank 1's, read
+    again in this process through the run's own config."""
     cfg = load_config(out / "config.yaml", world_size=2)
+    assert not cfg.data.cross_document_attention
     tok = load_tokenizer(cfg.data.tokenizer)
-    rows = []
+    rows, docs = [], []
     for rank in range(2):
         with build_data(cfg, tok, rank, 2) as data:
-            rows.append(data.next_batch().input_ids)
-    return torch.cat(rows)
+            batch = data.next_batch()
+            rows.append(batch.input_ids)
+            docs.append(batch.document_ids)
+    return torch.cat(rows), torch.cat(docs)
 
 
 # ------------------------------------------------------------------------ init_from parity
@@ -123,10 +128,13 @@ def test_init_from_gives_transformers_logits_and_loss(runs, hf_model, engine):
         ref = hf_model(input_ids=saved["input_ids"]).logits
     torch.testing.assert_close(saved["init_logits"], ref, rtol=0, atol=1e-4)
 
-    ids = first_global_batch(runs[engine])
+    ids, docs = first_global_batch(runs[engine])
     assert ids.shape == (2, SEQ)
-    with torch.no_grad():
-        ref_loss = hf_model(input_ids=ids, labels=ids).loss.item()
+    # Each document through transformers on its own (what the run's masked rows must give).
+    logits = torch.stack([per_document_logits(hf_model, i, d) for i, d in zip(ids, docs)])
+    ref_loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    ).item()
     assert metrics(runs[engine])[0]["loss"] == pytest.approx(ref_loss, rel=1e-5)
 
 

@@ -139,6 +139,10 @@ def test_heldout_store_gives_the_heldout_files_tokens(
         for n in (1000, 20_000):  # within the data, and more than it holds (a warning)
             want, got = f.heldout_sequences("a", n, 100), s.heldout_sequences("a", n, 100)
             assert len(got) == len(want) and all(map(torch.equal, got, want))
+            # and the same document boundaries (held-out perplexity keeps documents apart)
+            want, got = f.heldout_document_ids("a", n, 100), s.heldout_document_ids("a", n, 100)
+            assert len(got) == len(want) and all(map(torch.equal, got, want))
+            assert sum(int(d.max()) for d in got) > 0
 
 
 def test_tokenize_skips_finished_shards_and_writes_the_training_stream(

@@ -5,7 +5,7 @@ Layout of ``<output_dir>/checkpoints/``::
     step_00000040/            the backend's shards (DeepSpeed: one file set per rank)
         trainer_state.json    step, phase, tokens, wandb id, world size (rank 0)
         rank_00000.pt ...     per-rank state: RNG of every generator, data-loader state
-        manifest.json         every file with its size and CRC32; written last
+        manifest.json         every file with its size and CRC32C; written last
     latest                    "step_00000040", replaced atomically after every rank is done
     pinned                    tags kept forever (phase boundaries)
     history                   tags in the order they were written (or resumed from)
@@ -13,6 +13,25 @@ Layout of ``<output_dir>/checkpoints/``::
 A checkpoint is complete only once its manifest exists and every file matches it, so a crash
 or a full disk during a save leaves an incomplete directory that load skips (falling back to
 the previous complete one) and the next save replaces.
+
+Asynchronous saves (``checkpoint.async_save``): ``save`` returns once every rank holds a copy
+of its state in host memory (the backend's ``snapshot``); a background thread writes the
+files, fsyncs them, checksums them and, once every rank's thread is done, writes the manifest,
+``latest``, ``pinned`` and ``history`` and rotates, exactly as a synchronous save does. Until
+then the step directory has no manifest, so a crash (SIGKILL, preemption) during the write
+leaves the previous checkpoint as ``latest`` and the run resumes from it. One save is in flight
+at a time: the next ``save`` (and ``wait``) first waits for the previous one. The background
+threads agree among themselves on a process group of their own (gloo), so their collectives
+never interleave with the training loop's.
+
+Checksums are CRC32C (hardware-accelerated, the ``crc32c`` package); manifests of earlier
+versions with zlib CRC32 (``"crc32"``) are still verified. Verification on load is shared so
+that every rank checksums the files it is about to read (its own shards: a rank's number is
+in their names) and the rest round-robin, which also warms the page cache for the read.
+
+Test-only knob: the environment variable ``MIGU_CKPT_TEST_WRITE_DELAY_S`` delays the write of
+every save by that many seconds (after the snapshot), to make a crash during an asynchronous
+write deterministic in tests; never set it in a real run.
 
 Rotation goes by recency of writing, not by step: after a resume from an earlier step the
 checkpoints of the abandoned later steps are the oldest, and the checkpoint resumed from
@@ -22,27 +41,59 @@ deleted.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
+import threading
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import torch
+import torch.distributed as dist
 
-from migu_dist.backend import Backend
+from migu_dist.backend import Backend, write_durable
 from migu_dist.dist import all_gather_objects, barrier, print0
 
 MANIFEST = "manifest.json"
 
 
-def _crc32(path: Path) -> int:
+WRITE_DELAY_ENV = "MIGU_CKPT_TEST_WRITE_DELAY_S"
+
+
+def _checksum(path: Path, kind: str = "crc32c") -> int:
+    """CRC32C (or, for manifests of earlier versions, zlib's CRC32) of a file, read in 16 MB
+    chunks (crc32c releases the GIL on them: a background thread does not stall the loop)."""
+    update = crc32c.crc32c if kind == "crc32c" else zlib.crc32
     crc = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
+    with path.open("rb", buffering=0) as f:
+        while chunk := f.read(1 << 24):
+            crc = update(chunk, crc)
     return crc
+
+
+_RANK_IN_NAME = re.compile(r"(?:pp_rank_|^__|^rank_)(\d+)")
+
+
+def _owners(rels: list[str], world: int) -> dict[str, int]:
+    """Which rank checksums which file: a file with a rank number in its name (DeepSpeed's
+    ``zero_pp_rank_R_*``, DCP's ``__R_0.distcp``, our ``rank_R.pt``) goes to that rank (modulo
+    the current world size, so any number of ranks covers every file), the rest round-robin.
+    At load, a rank so verifies what it is about to read."""
+    out, rest = {}, []
+    for rel in sorted(rels):
+        m = _RANK_IN_NAME.search(Path(rel).name)
+        if m:
+            out[rel] = int(m.group(1)) % world
+        else:
+            rest.append(rel)
+    out.update({rel: i % world for i, rel in enumerate(rest)})
+    return out
 
 
 def _free(path: Path) -> str:
@@ -53,12 +104,13 @@ def _free(path: Path) -> str:
 
 
 def _check_file(p: Path, rel: str, meta: dict[str, int]) -> str | None:
-    """None if ``p`` has the manifest's size and CRC32, else what is wrong."""
+    """None if ``p`` has the manifest's size and checksum, else what is wrong."""
     try:
         size = p.stat().st_size
         if size != meta["size"]:
             return f"{rel}: size {size} != {meta['size']} (truncated?)"
-        if _crc32(p) != meta["crc32"]:
+        kind = "crc32c" if "crc32c" in meta else "crc32"  # "crc32": written before CRC32C
+        if _checksum(p, kind) != meta[kind]:
             return f"{rel}: checksum mismatch (corrupt)"
     except FileNotFoundError:
         return f"missing file {rel}"
@@ -100,16 +152,33 @@ class CheckpointError(RuntimeError):
     pass
 
 
+ShardWriter = Callable[[Any], None]
+"""What a backend's ``snapshot`` returns: writes this rank's shards when called with the
+process group to use for the write's own collectives (None: the default group)."""
+
+
 class Checkpointer:
     """Save, validate, rotate and load checkpoints of a run."""
 
-    def __init__(self, root: str | Path, backend: Backend | None = None, keep_last: int = 2):
-        """``backend`` None: a single-process reader (find/verify only, e.g. for export)."""
+    def __init__(
+        self,
+        root: str | Path,
+        backend: Backend | None = None,
+        keep_last: int = 2,
+        async_save: bool = False,
+    ):
+        """``backend`` None: a single-process reader (find/verify only, e.g. for export).
+        ``async_save``: ``save`` returns after the copy to host memory (see the module doc)."""
         self.root = Path(root)
         self.backend = backend
         self.keep_last = keep_last
+        self.async_save = async_save
         self.rank = backend.rank if backend is not None else 0
         self.world = backend.world_size if backend is not None else 1
+        self._thread: threading.Thread | None = None
+        self._result = True  # of the last save written in the background
+        self._error: Exception | None = None  # a writer's unexpected exception, for ``wait``
+        self._pg: Any = None
 
     # ---------------------------------------------------------------- save
 
@@ -117,12 +186,14 @@ class Checkpointer:
         self, step: int, trainer_state: dict[str, Any], rank_state: dict[str, Any], pinned: bool
     ) -> bool:
         """Collective. Returns False (and keeps every earlier checkpoint) if the save failed.
+        Asynchronous: True once the write has started; its outcome comes from ``wait()``.
 
         Every rank runs the same sequence of collectives whatever fails where: an I/O error
         (full disk, quota, read-only mount) is caught per rank, the ranks agree on the outcome,
-        and a failed attempt's directory is removed. The backend's own save must complete its
-        collectives even when its writes fail (see ``Backend.save``).
+        and a failed attempt's directory is removed. The backend's shard writer must complete
+        its collectives even when its writes fail (see ``Backend.snapshot``).
         """
+        self.wait()  # one save in flight at a time; a failure was reported when it happened
         tag = tag_for(step)
         d = self.root / tag
         ok = True
@@ -138,29 +209,88 @@ class Checkpointer:
         if ok:
             try:
                 assert self.backend is not None, "a Checkpointer without a backend only reads"
-                self.backend.save(str(self.root), tag, client_state={})
-                torch.save(rank_state, d / f"rank_{self.rank:05d}.pt")
-                if self.rank == 0:
-                    state = dict(trainer_state, world_size=self.world, tag=tag)
-                    _atomic_write(d / "trainer_state.json", json.dumps(state, indent=1))
+                # The step loop waits only for this: the shards copied to host memory (when
+                # asynchronous) and the small per-rank and trainer state serialised.
+                write = self.backend.snapshot(
+                    str(self.root), tag, client_state={}, copy=self.async_save
+                )
+                buf = io.BytesIO()
+                torch.save(rank_state, buf)
+                state = json.dumps(dict(trainer_state, world_size=self.world, tag=tag), indent=1)
             except (OSError, RuntimeError) as e:
-                # torch.save reports a full disk as a RuntimeError ("unexpected pos").
                 print(
                     f"[rank {self.rank}] checkpoint {tag} failed: {e}{_free(self.root)}", flush=True
                 )
                 ok = False
             ok = all(all_gather_objects(ok))
-        if ok:
-            ok = self._write_manifest(d)
         if not ok:
+            self._give_up(tag, d, None)
+            return False
+        job = (d, tag, write, buf.getbuffer(), state, pinned)
+        if not self.async_save:
+            ok = self._write(*job, group=None)
+            return self.wait() and ok  # wait(): raises a writer's unexpected exception
+        group = self._group()
+        self._thread = threading.Thread(
+            target=lambda: setattr(self, "_result", self._write(*job, group=group)),
+            name=f"checkpoint-{tag}",
+            daemon=True,  # a crashing run must not hang in a half-done save; SIGKILL-safe anyway
+        )
+        self._thread.start()
+        return True
+
+    def wait(self) -> bool:
+        """Block until the save in flight (if any) is complete; whether it succeeded (True
+        when there was none). Collective in effect: every rank's writer takes part."""
+        ok = True
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            ok, self._result = self._result, True
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return ok
+
+    def _group(self) -> Any:
+        """The background writers' own process group (gloo: they gather Python objects and
+        their collectives must not interleave with the training loop's on the default group)."""
+        if self._pg is None and dist.is_initialized():
+            self._pg = dist.new_group(backend="gloo")
+        return self._pg
+
+    def _write(
+        self,
+        d: Path,
+        tag: str,
+        write: ShardWriter,
+        rank_bytes: memoryview,
+        state_json: str,
+        pinned: bool,
+        group: Any,
+    ) -> bool:
+        """The files, the manifest and ``latest``; in the background when asynchronous."""
+        ok = True
+        try:
+            delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
+            if delay:
+                time.sleep(delay)
+            write(group)
+            write_durable(d / f"rank_{self.rank:05d}.pt", rank_bytes)
             if self.rank == 0:
-                shutil.rmtree(d, ignore_errors=True)
-                print(
-                    f"WARNING: checkpoint {tag} was not saved; earlier checkpoints are intact "
-                    f"(latest: {self.latest_tag()}).",
-                    flush=True,
-                )
-            barrier()
+                _atomic_write(d / "trainer_state.json", state_json)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as a RuntimeError ("unexpected pos").
+            print(f"[rank {self.rank}] checkpoint {tag} failed: {e}{_free(self.root)}", flush=True)
+            ok = False
+        except Exception as e:  # a bug: agree and clean up first, then raise it (``wait``)
+            self._error = e
+            ok = False
+        ok = all(all_gather_objects(ok, group))
+        if ok:
+            ok = self._write_manifest(d, group)
+        if not ok:
+            self._give_up(tag, d, group)
             return False
         if self.rank == 0:
             try:
@@ -171,26 +301,39 @@ class Checkpointer:
                 self._rotate(keep=tag)
             except OSError as e:  # the checkpoint itself is complete; load finds it anyway
                 print(f"checkpoint {tag}: updating latest/pinned failed: {e}", flush=True)
-        barrier()
+        barrier(group)
         return True
+
+    def _give_up(self, tag: str, d: Path, group: Any) -> None:
+        if self.rank == 0:
+            shutil.rmtree(d, ignore_errors=True)
+            print(
+                f"WARNING: checkpoint {tag} was not saved; earlier checkpoints are intact "
+                f"(latest: {self.latest_tag()}).",
+                flush=True,
+            )
+        barrier(group)
 
     def latest_tag(self) -> str | None:
         """What ``latest`` points to (not verified), or None."""
         p = self.root / "latest"
         return p.read_text().strip() if p.is_file() else None
 
-    def _write_manifest(self, d: Path) -> bool:
-        # Every rank checksums a share of the files, in parallel; rank 0 writes the manifest.
-        barrier()
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+    def _write_manifest(self, d: Path, group: Any = None) -> bool:
+        # Every rank checksums its own files (still in its page cache), the rest are shared
+        # round-robin; rank 0 writes the manifest.
+        barrier(group)
+        files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+        owner = _owners([f for f in files if f != MANIFEST], self.world)
         mine = {}
         try:
-            for i, p in enumerate(files):
-                if i % self.world == self.rank:
-                    mine[str(p.relative_to(d))] = {"size": p.stat().st_size, "crc32": _crc32(p)}
+            for rel, r in owner.items():
+                if r == self.rank:
+                    p = d / rel
+                    mine[rel] = {"size": p.stat().st_size, "crc32c": _checksum(p)}
         except OSError:
             mine = None  # type: ignore[assignment]  # "this rank failed", gathered below
-        parts = all_gather_objects(mine)
+        parts = all_gather_objects(mine, group)
         if any(p is None for p in parts):
             return False
         ok = True
@@ -203,7 +346,7 @@ class Checkpointer:
             except OSError as e:
                 print(f"checkpoint manifest failed: {e}", flush=True)
                 ok = False
-        return all(all_gather_objects(ok))
+        return all(all_gather_objects(ok, group))
 
     def pinned(self) -> set[str]:
         p = self.root / "pinned"
@@ -267,17 +410,18 @@ class Checkpointer:
         return None
 
     def verify_collective(self, d: Path) -> str | None:
-        """``verify`` with the checksumming shared among the ranks (each reads ~1/world of the
-        bytes). Collective; every rank gets the same answer."""
+        """``verify`` with the checksumming shared among the ranks: each checksums the files it
+        is about to load (its own shards), the rest round-robin. Collective; every rank gets
+        the same answer."""
         try:
             manifest = json.loads((d / MANIFEST).read_text())["files"]
         except (OSError, ValueError, KeyError) as e:
             problem: str | None = f"unreadable manifest ({e})"
         else:
             problem = None
-            for i, (rel, meta) in enumerate(sorted(manifest.items())):
-                if i % self.world == self.rank:
-                    problem = _check_file(d / rel, rel, meta)
+            for rel, r in _owners(list(manifest), self.world).items():
+                if r == self.rank:
+                    problem = _check_file(d / rel, rel, manifest[rel])
                     if problem:
                         break
         problems = [p for p in all_gather_objects(problem) if p]

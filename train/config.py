@@ -246,6 +246,14 @@ class DataConfig:
     """Background tokenisation workers per rank (0: in the training process)."""
     document_position_ids: bool = False
     """Restart position ids at each document inside a packed sequence."""
+    cross_document_attention: bool = False
+    """Let a token attend to the earlier documents packed into its sequence. false (the
+    default): each token attends only to its own document's earlier tokens (a block-diagonal
+    causal mask under sdpa/eager, flash-attn's variable-length kernel under
+    flash_attention_2; ``train/packing.py``), in training and in held-out perplexity alike;
+    independent of ``document_position_ids``. true: plain causal attention over the whole
+    packed sequence, as before this option existed (runs recorded without it resume as
+    true)."""
     add_bos: bool = True
     """Prepend BOS to each document, when the tokenizer has one. Tokenizers without a BOS
     token (Qwen2's: ``bos_token: null``) get none: their documents are separated by EOS alone,
@@ -316,6 +324,13 @@ class CheckpointConfig:
     """Unpinned checkpoints to keep."""
     export_hf_at_phase_end: bool = False
     """Also write a Hugging Face directory at each phase boundary."""
+    async_save: bool = False
+    """Write checkpoints in the background: the step loop waits only for a copy of the state
+    in host memory (needs that much free RAM per rank: its shards with the AdamW moments),
+    then training goes on while a thread writes, fsyncs and checksums the files; ``latest``
+    moves only once every rank's files are written. One save in flight at a time; the final
+    save and a stop signal's save complete before the run exits. A crash during the write
+    resumes from the previous checkpoint."""
 
 
 @dataclass

@@ -17,7 +17,13 @@ returns the same numbers, and they equal a one-process run up to float summation
 Perplexity. Each held-out chunk is scored on its own: the NLL of token ``t+1`` given tokens
 ``<= t`` of the same chunk, so a chunk of ``L`` tokens contributes ``L - 1`` predictions.
 Chunks are batched only with chunks of the same length (no padding); chunks shorter than two
-tokens are skipped. ``ppl = exp(nll_sum / tokens)``.
+tokens are skipped. ``ppl = exp(nll_sum / tokens)``. A chunk holds several documents (the
+held-out documents are concatenated, as in training); without cross-document attention
+(``data.cross_document_attention: false``, the default) each of its tokens is predicted from
+its own document's earlier tokens only, with the same masking as training
+(``train/packing.py``), so that held-out perplexity measures what training optimises and does
+not depend on which documents happen to precede. The prediction of a document's first token
+(after the previous document's EOS) still counts: it is made from the previous document.
 
 Multiple choice, the way lm-evaluation-harness scores ``multiple_choice`` tasks:
 
@@ -58,6 +64,7 @@ from migu_dist.dist import all_reduce_sum, world
 from train import cl_metrics, plots
 from train.cl_metrics import INITIAL_PHASE_INDEX
 from train.config import EvalConfig
+from train.packing import DocumentMasking
 from train.tracking import JsonlLog, read_rows
 
 
@@ -134,8 +141,8 @@ def _run_sharded(
         model(input_ids=dummy)  # result discarded; keeps ZeRO-3 gathers in step
 
 
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids)
+def _logits(model: nn.Module, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    out = model(input_ids=input_ids, **kwargs)
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -150,13 +157,21 @@ def heldout_perplexity(
     *,
     batch_size: int,
     device: torch.device | str,
+    documents: Sequence[torch.Tensor] | None = None,
+    masking: DocumentMasking | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on fixed token chunks (1-D LongTensors, any lengths).
 
-    Returns ``{"nll_sum": float, "tokens": int, "ppl": float}`` summed over all ranks; ``ppl``
-    is NaN when no chunk has two tokens.
+    ``documents`` (with ``masking``): per chunk, each token's document id (same shapes as
+    ``sequences``); tokens then attend only within their document. Returns
+    ``{"nll_sum": float, "tokens": int, "ppl": float}`` summed over all ranks; ``ppl`` is NaN
+    when no chunk has two tokens.
     """
-    seqs = [s.reshape(-1) for s in sequences if s.numel() >= 2]
+    if (documents is None) != (masking is None):
+        raise ValueError("heldout_perplexity: give documents and masking together")
+    keep = [i for i, s in enumerate(sequences) if s.numel() >= 2]
+    seqs = [sequences[i].reshape(-1) for i in keep]
+    docs = None if documents is None else [documents[i].reshape(-1) for i in keep]
     batches = _plan_batches([s.numel() for s in seqs], batch_size, same_length=True)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.int64, device=device)
@@ -164,7 +179,10 @@ def heldout_perplexity(
     def run_batch(batch: list[int]) -> None:
         nonlocal nll, tokens
         ids = torch.stack([seqs[i] for i in batch]).to(device)  # (B, T)
-        logits = _logits(model, ids)  # (B, T, V)
+        extra = {}
+        if docs is not None and masking is not None:
+            extra = masking.inputs(torch.stack([docs[i] for i in batch]), device)
+        logits = _logits(model, ids, **extra)  # (B, T, V)
         for row in range(ids.shape[0]):  # one row at a time: the float32 copy stays (T, V)
             losses = F.cross_entropy(logits[row, :-1].float(), ids[row, 1:], reduction="none")
             nll = nll + losses.double().sum()
@@ -388,9 +406,16 @@ class Evaluator:
         device: torch.device | str,
         is_main: bool,
         max_len: int,
+        heldout_documents: dict[str, list[torch.Tensor]] | None = None,
+        masking: DocumentMasking | None = None,
     ):
+        """``heldout_documents`` and ``masking``: the document ids of each held-out chunk and
+        the model's masking, for perplexity without cross-document attention (both or
+        neither)."""
         self.cfg = cfg
         self.heldout = heldout
+        self.heldout_documents = heldout_documents
+        self.masking = masking
         self.output_dir = Path(output_dir)
         self.device = device
         self.is_main = is_main
@@ -445,7 +470,11 @@ class Evaluator:
             "n": {},
         }
         for domain, seqs in self.heldout.items():
-            r = heldout_perplexity(model, seqs, batch_size=bs, device=self.device)
+            docs = None if self.heldout_documents is None else self.heldout_documents[domain]
+            r = heldout_perplexity(
+                model, seqs, batch_size=bs, device=self.device, documents=docs,
+                masking=self.masking if docs is not None else None,
+            )  # fmt: skip
             row["ppl"][domain] = _finite_or_none(r["ppl"])
             row["tokens"][domain] = r["tokens"]
         for name, task in self.tasks.items() if tasks else ():

@@ -368,9 +368,13 @@ OVERRIDABLE = (
     "optim", "migu", "regularization", "lora.alpha", "lora.dropout", "engine.precision",
     "engine.deepspeed_config", "model.init_from", "train.micro_batch_size",
     "train.grad_accum", "train.global_batch_size", "data.document_position_ids",
+    "data.cross_document_attention",
 )  # fmt: skip
 """Keys a resumed run takes only when named in ``resume_overrides`` (the trajectory changes
 from the resumed step on); everything else not SAFE is refused."""
+ADDED = {"data.cross_document_attention": True}
+"""Keys added since runs were first recorded -> the value that does what a run recorded
+without the key did (compared as that value, not as unset)."""
 
 
 @dataclass
@@ -454,7 +458,7 @@ def check_changes(
             f"batch shape, tied to the data position and the world size {world})"
         )
     for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        a, b = old.get(key, ADDED.get(key, "<unset>")), new.get(key, "<unset>")
         if a == b or _under(key, NOT_COMPARED):
             continue
         if a == "<unset>" and b is None and key.endswith(_ADDED_UNSET):

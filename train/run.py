@@ -20,6 +20,7 @@ from train.checkpoint import Checkpointer
 from train.config import Config, save_config
 from train.data import CPTDataLoader
 from train.model import build_model, empty_init, flops_per_token
+from train.packing import DocumentMasking
 from train.resume import ResumeError, prepare_resume
 from train.schedule import lr_lambda
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -35,7 +36,12 @@ def build_trainer(cfg: Config) -> Trainer:
     resumed, or the config changed in a way the checkpoint cannot take."""
     backend = build_backend(cfg.backend_config())
     out = Path(cfg.output_dir)
-    ckpt = Checkpointer(out / "checkpoints", backend, keep_last=cfg.checkpoint.keep_last)
+    ckpt = Checkpointer(
+        out / "checkpoints",
+        backend,
+        keep_last=cfg.checkpoint.keep_last,
+        async_save=cfg.checkpoint.async_save,
+    )
     try:
         lock, source, record = prepare_resume(cfg, ckpt)
     except ResumeError:
@@ -58,6 +64,7 @@ def build_trainer(cfg: Config) -> Trainer:
         hooks.append(L2Anchor(cfg.regularization, [p.name for p in phases]))
     backend.setup(model, lr_lambda(cfg.optim, cfg.train.max_steps, rewarm))
 
+    masking = None if cfg.data.cross_document_attention else DocumentMasking.for_model(model.config)
     evaluator = None
     if cfg.eval.every_steps or cfg.eval.at_phase_end:
         from train.evaluate import Evaluator, task_max_len
@@ -70,8 +77,12 @@ def build_trainer(cfg: Config) -> Trainer:
             device=backend.device,
             is_main=backend.rank == 0,
             max_len=task_max_len(cfg.eval, model),
+            heldout_documents=heldout_document_sets(cfg, data) if masking else None,
+            masking=masking,
         )
-    trainer = Trainer(cfg, backend, data, hooks=hooks, evaluator=evaluator, checkpointer=ckpt)
+    trainer = Trainer(
+        cfg, backend, data, hooks=hooks, evaluator=evaluator, checkpointer=ckpt, masking=masking
+    )
     trainer.run_record = record
     trainer.lock = lock
     if cfg.logging.peak_tflops:
@@ -129,6 +140,16 @@ def heldout_sets(cfg: Config, data: CPTDataLoader) -> dict[str, list[torch.Tenso
         name: data.heldout_sequences(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
         for name, dom in cfg.data.domains.items()
         if dom.heldout or dom.heldout_store
+    }
+
+
+def heldout_document_sets(cfg: Config, data: CPTDataLoader) -> dict[str, list[torch.Tensor]]:
+    """Per domain of :func:`heldout_sets`, the document ids of each chunk (for evaluation
+    without cross-document attention)."""
+    return {
+        name: data.heldout_document_ids(name, cfg.eval.heldout_tokens, cfg.train.seq_len)
+        for name, dom in cfg.data.domains.items()
+        if dom.heldout
     }
 
 

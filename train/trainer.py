@@ -25,6 +25,7 @@ from train.checkpoint import Checkpointer
 from train.cl_metrics import INITIAL_PHASE, INITIAL_PHASE_INDEX
 from train.config import Config
 from train.data import Batch, CPTDataLoader, PhasePlan
+from train.packing import DocumentMasking
 from train.tracking import NullTracker
 
 if TYPE_CHECKING:  # imported by the assembly only when evaluation is on (plots: matplotlib)
@@ -75,7 +76,10 @@ class Trainer:
         evaluator: Evaluator | None = None,
         checkpointer: Checkpointer | None = None,
         tracker: NullTracker | None = None,
+        masking: DocumentMasking | None = None,
     ):
+        """``masking``: how the model keeps packed documents apart; needed when the loader
+        gives document ids (``data.cross_document_attention: false``)."""
         self.cfg = cfg
         self.backend = backend
         self.data = data
@@ -85,6 +89,7 @@ class Trainer:
         self.evaluator = evaluator
         self.ckpt = checkpointer
         self.tracker = tracker or NullTracker()
+        self.masking = masking
         self.state = TrainState()
         self.phases: list[PhasePlan] = data.phases()
         self.max_steps = min(cfg.train.max_steps, self.phases[-1].end_step)
@@ -114,8 +119,10 @@ class Trainer:
                 "input_ids": batch.input_ids,
                 "labels": batch.labels,
                 "position_ids": batch.position_ids,  # None unless per-document positions
+                "document_ids": batch.document_ids,  # None unless documents are kept apart
             }
-            loss, finite, stop_requested = self._agree(self.backend.train_batch(inputs))
+            local_loss = self.backend.train_batch(inputs, self._model_inputs)
+            loss, finite, stop_requested = self._agree(local_loss)
             hook_stats: dict[str, float] = {}
             grad_norm = float("nan")
             if finite:
@@ -149,6 +156,8 @@ class Trainer:
                     self.exit_reason = "signal"
                 break
             t_last = time.perf_counter()  # evaluation/checkpoint time is not step time
+        if self.ckpt is not None:  # a run stopped early: its asynchronous save, if in flight
+            self.ckpt.wait()
         if self.evaluator is not None and self.backend.rank == 0:
             self.evaluator.write_report(
                 [p.name for p in self.phases],
@@ -162,6 +171,16 @@ class Trainer:
     @property
     def phase(self) -> PhasePlan:
         return self.phases[min(self.state.phase_index, len(self.phases) - 1)]
+
+    def _model_inputs(self, mb: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A micro-batch's rows as the model's inputs: document ids become the attention
+        masks that keep packed documents apart (``Backend.train_batch`` calls it)."""
+        document_ids = mb.pop("document_ids", None)
+        if document_ids is not None:
+            if self.masking is None:
+                raise ValueError("the batches carry document ids: pass Trainer(masking=...)")
+            mb.update(self.masking.inputs(document_ids, self.backend.device))
+        return mb
 
     def _agree(self, local_loss: torch.Tensor) -> tuple[torch.Tensor, bool, bool]:
         """One tiny all-reduce: the global mean loss, whether it is finite on every rank, and
@@ -311,7 +330,10 @@ class Trainer:
         }
         assert self.ckpt is not None
         ok = self.ckpt.save(self.state.step, trainer_state, rank_state, pinned=pinned)
-        if not ok and (last or self.state.step == self.max_steps):
+        final = last or self.state.step == self.max_steps
+        if ok and (final or (pinned and self.cfg.checkpoint.export_hf_at_phase_end)):
+            ok = self.ckpt.wait()  # asynchronous: complete before exiting or exporting
+        if not ok and final:
             self.exit_reason = "checkpoint_failed"
         if ok and pinned and self.cfg.checkpoint.export_hf_at_phase_end:
             self._export_phase()

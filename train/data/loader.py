@@ -35,6 +35,7 @@ from train.data.sources import BadInputLog, DocumentReader, Position
 from train.data.store import TokenStore
 from train.data.stream import document_affixes
 from train.data.workers import Chunk, InlineExecutor, ProcessExecutor, StreamSpec
+from train.packing import document_ids_from_positions
 from train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class Batch:
     input_ids: torch.Tensor  # (grad_accum * micro_batch_size, seq_len) int64
     labels: torch.Tensor  # same shape, int64; -100 where no loss (packing leaves none)
     position_ids: torch.Tensor | None  # same shape, int64; restart at each document, or None
+    # Same shape, int64: each token's document within its row (0, 0, 1, 1, ...), or None when
+    # documents may attend to each other (data.cross_document_attention); see train/packing.py.
+    document_ids: torch.Tensor | None
     phase: str
     phase_index: int
     tokens_by_domain: dict[str, int]  # tokens of the whole global batch per domain
@@ -130,7 +134,9 @@ class CPTDataLoader:
             seq_len=seq_len,
             add_bos=cfg.add_bos,
             add_eos=cfg.add_eos,
-            position_ids=cfg.document_position_ids,
+            # Document boundaries travel as restarting positions: wanted for the positions
+            # themselves or to mask attention between documents.
+            position_ids=cfg.document_position_ids or not cfg.cross_document_attention,
             max_document_bytes=cfg.max_document_bytes,
             stores=stores,
             datasets=datasets,
@@ -140,7 +146,10 @@ class CPTDataLoader:
         self._executor: InlineExecutor | ProcessExecutor | None = None
         self._planned: dict[int, list[str]] = {}
         self._next_submit = 0
-        self._heldout: dict[tuple[str, int, int], list[torch.Tensor]] = {}
+        # (domain, num_tokens, seq_len) -> (token chunks, their document ids)
+        self._heldout: dict[
+            tuple[str, int, int], tuple[list[torch.Tensor], list[torch.Tensor]]
+        ] = {}
         self._heldout_bad: dict[str, dict[str, Any]] = {}
 
     # ----------------------------------------------------------------------------------
@@ -198,7 +207,7 @@ class CPTDataLoader:
                 log.warning("bad input: %s", message)
 
         local = np.empty((self.local_rows, self.seq_len), dtype=np.int32)
-        positions = np.empty_like(local) if self.cfg.document_position_ids else None
+        positions = np.empty_like(local) if self._spec.position_ids else None
         taken = dict.fromkeys(chunks, 0)
         for row in self.rows:
             chunk = chunks[picks[row]]
@@ -216,10 +225,14 @@ class CPTDataLoader:
             self._states[domain] = chunks[domain].state
         self._step += 1
         input_ids = torch.from_numpy(local).long()
+        pos = None if positions is None else torch.from_numpy(positions).long()
         return Batch(
             input_ids=input_ids,
             labels=input_ids.clone(),
-            position_ids=None if positions is None else torch.from_numpy(positions).long(),
+            position_ids=pos if self.cfg.document_position_ids else None,
+            document_ids=None
+            if pos is None or self.cfg.cross_document_attention
+            else document_ids_from_positions(pos),
             phase=plan.name,
             phase_index=plan.index,
             tokens_by_domain=tokens_by_domain,
@@ -300,24 +313,41 @@ class CPTDataLoader:
     def heldout_sequences(self, domain: str, num_tokens: int, seq_len: int) -> list[torch.Tensor]:
         """The first ``num_tokens`` held-out tokens of ``domain`` (documents with BOS/EOS, in
         file order), cut into ``seq_len`` pieces, the last possibly shorter. Same every call."""
+        return list(self._heldout_chunks(domain, num_tokens, seq_len)[0])
+
+    def heldout_document_ids(
+        self, domain: str, num_tokens: int, seq_len: int
+    ) -> list[torch.Tensor]:
+        """Per chunk of :meth:`heldout_sequences` (same arguments), each token's document
+        within the chunk: (L,) int64, 0, 0, 1, 1, 1, 2, ... (``train/packing.py``)."""
+        return list(self._heldout_chunks(domain, num_tokens, seq_len)[1])
+
+    def _heldout_chunks(
+        self, domain: str, num_tokens: int, seq_len: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         key = (domain, num_tokens, seq_len)
         if key not in self._heldout:
             self._heldout[key] = self._read_heldout(domain, num_tokens, seq_len)
-        return list(self._heldout[key])
+        return self._heldout[key]
 
-    def _read_heldout(self, domain: str, num_tokens: int, seq_len: int) -> list[torch.Tensor]:
+    def _read_heldout(
+        self, domain: str, num_tokens: int, seq_len: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         dom = self.cfg.domains[domain]
         if dom.heldout_store:
             store = TokenStore(dom.heldout_store)
             key = f"data.domains.{domain}.heldout_store"
             store.check(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos, key)
-            flat = torch.from_numpy(store.read(0, min(num_tokens, store.num_tokens))).long()
+            n = min(num_tokens, store.num_tokens)
+            flat = torch.from_numpy(store.read(0, n)).long()
             self._warn_short_heldout(domain, len(flat), num_tokens)
-            return list(flat.split(seq_len))
+            # The store's positions restart at each document start: its document index.
+            doc_flat = document_ids_from_positions(torch.from_numpy(store.positions(0, n)).long())
+            return list(flat.split(seq_len)), [d - d[0] for d in doc_flat.split(seq_len)]
         files = expand_globs(dom.heldout)
         if not files:
             log.warning("domain %r has no held-out files: no perplexity for it", domain)
-            return []
+            return [], []
         bad = BadInputLog()
         reader = DocumentReader(
             domain,
@@ -330,16 +360,20 @@ class CPTDataLoader:
         )
         pre, suf = document_affixes(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos)
         ids: list[int] = []
+        doc: list[int] = []  # per token, the index of its document in the held-out stream
         while len(ids) < num_tokens and not reader.exhausted:
             docs = reader.read(64)
             for x in self.tokenizer.encode_batch([text for text, _, _ in docs]):
+                n = len(pre) + len(x) + len(suf)
+                doc += [doc[-1] + 1 if doc else 0] * n
                 ids += pre + x + suf
         for message in bad.drain_messages():
             log.warning("bad input: domain %r held-out: %s", domain, message)
         self._heldout_bad[domain] = bad.files
         self._warn_short_heldout(domain, len(ids), num_tokens)
         flat = torch.tensor(ids[:num_tokens], dtype=torch.long)
-        return list(flat.split(seq_len))
+        docs_flat = torch.tensor(doc[:num_tokens], dtype=torch.long)
+        return list(flat.split(seq_len)), [d - d[0] for d in docs_flat.split(seq_len)]
 
     @staticmethod
     def _warn_short_heldout(domain: str, got: int, asked: int) -> None:
