@@ -569,18 +569,6 @@ def test_resume_on_another_number_of_ranks(backend, reference, tmp_path):
             assert all(torch.equal(end[k][n], end_ref[k][n]) for n in end_ref[k]), (r, k)
 
 
-@pytest.mark.slow
-def test_global_batch_that_cannot_be_kept_is_refused(backend, reference, tmp_path):
-    """2 ranks x 4 sequences cannot be split over 3 ranks: refused before anything is
-    written, naming the world sizes that can keep it."""
-    src = reference / "checkpoints" / tag_for(12)
-    rc, log = run(tmp_path / "ws", backend, [f"resume={src}"], nproc=3)
-    assert rc != 0
-    assert "global batch: 8 sequences per step (4 x 1 x 2 ranks) -> 12" in log
-    assert "8 sequences cannot be split evenly over 3 ranks; run on 2 or 4 ranks" in log
-    assert not (tmp_path / "ws" / "metrics.jsonl").exists()
-
-
 # ------------------------------------------------------------------------------ offline
 
 

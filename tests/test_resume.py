@@ -276,7 +276,7 @@ def test_change_classes(reference, monkeypatch):
     got = classify("data.phases.0.steps=5", "train.micro_batch_size=2", "train.seed=1",
                    "model.hidden_size=32", "train.max_steps=5")  # fmt: skip
     assert set(got["refused"]) >= {
-        "data.phases[0].steps", "train.micro_batch_size x grad_accum", "train.seed",
+        "data.phases[0].steps", "global batch", "train.seed",
         "model.hidden_size", "train.max_steps",
     }  # fmt: skip
     assert got["need_override"] == []
@@ -284,6 +284,57 @@ def test_change_classes(reference, monkeypatch):
     got = classify("data.phases.2.steps=9", "data.phases.3={name: more, domains: {code: 1}}")
     assert got["refused"] == [] and "data.phases" in got["safe"]
     assert classify("data.phases.1.replay=0.2")["refused"] == ["data.phases[1].replay"]
+
+
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_world_size_change_keeps_or_refuses_the_global_batch(reference, monkeypatch):
+    """The reference's 2-rank checkpoint (4 x 1 x 2 = 8 sequences per step) on other world
+    sizes: taken when micro_batch_size x grad_accum x ranks is still 8, else refused with
+    the settings that keep it (or the world sizes that can)."""
+    monkeypatch.chdir(ROOT)
+    saved = saved_state(reference, 6)
+    fp = saved["data_fingerprint"]
+
+    def changes(world: int, *overrides: str):
+        over = [*BASE, *ENGINES["deepspeed"], "checkpoint.export_hf_at_phase_end=true", *overrides]
+        return check_changes(saved, load_config(CONFIG, over, world_size=world), world, fp)
+
+    ch = changes(1, "train.grad_accum=2")
+    assert ch.refused == ch.need_override == [] and ch.problem(Path("c")) is None
+    assert [line.split(":")[0] for line in ch.safe] == ["world size", "train.grad_accum"]
+    assert "2 -> 1 ranks (global batch 8 kept" in ch.safe[0]
+    ch = changes(4, "train.micro_batch_size=2")
+    assert ch.refused == [] and ch.need_override == []
+    # Same per-rank settings on 1 or 4 ranks: the batch would change.
+    (line,) = changes(1).refused
+    assert "8 sequences per step (4 x 1 x 2 ranks) -> 4 (4 x 1 x 1 ranks)" in line
+    assert line.endswith("on 1 ranks set train.micro_batch_size=4 train.grad_accum=2 "
+                         "(4 x 2 x 1 = 8)")  # fmt: skip
+    assert (
+        changes(4)
+        .refused[0]
+        .endswith("set train.micro_batch_size=2 train.grad_accum=1 (2 x 1 x 4 = 8)")
+    )
+    # 8 sequences cannot go evenly over 3 ranks whatever the per-rank settings.
+    (line,) = changes(3).refused
+    assert "8 sequences cannot be split evenly over 3 ranks; run on 2 or 4 ranks" in line
+    # The same world size: micro_batch_size x grad_accum must stay (as before).
+    assert changes(2, "train.grad_accum=2").refused[0].startswith("global batch: 8 ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_global_batch_that_cannot_be_kept_is_refused(backend, reference, tmp_path):
+    """As a user meets it: 3 ranks on a 2-rank run of 8 sequences per step. Every rank stops
+    before anything is written, naming the world sizes that can keep the batch. (The
+    decision is train/resume.py's, the same for both backends.)"""
+    src = reference / "checkpoints" / tag_for(12)
+    out = tmp_path / "ws"
+    rc, log = run(out, backend, [f"resume={src}"], nproc=3)
+    assert rc != 0
+    assert "global batch: 8 sequences per step (4 x 1 x 2 ranks) -> 12" in log
+    assert "8 sequences cannot be split evenly over 3 ranks; run on 2 or 4 ranks" in log
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
