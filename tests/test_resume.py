@@ -548,3 +548,23 @@ def test_killed_and_restarted_five_times_ends_like_the_uninterrupted_run(
     expect = model_state(reference / "checkpoints", tag_for(12), backend)
     assert final.keys() == expect.keys()
     assert all(torch.equal(final[k], expect[k]) for k in final)
+
+
+def test_derived_rng_depends_on_seed_step_and_rank_only():
+    """After a resume on another number of ranks each rank's generators are seeded from
+    (seed, step, rank): the same triple draws the same numbers, another rank others."""
+    import random as pyrandom
+
+    import numpy as np
+
+    from train.elastic import derive_rng
+
+    def draw(seed: int, step: int, rank: int) -> tuple:
+        derive_rng(seed, step, rank)
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), pyrandom.random())
+
+    a = draw(1234, 8, 0)
+    torch.rand(5)  # whatever was drawn in between does not matter
+    assert draw(1234, 8, 0) == a
+    assert all(draw(*other)[i] != a[i] for other in [(1234, 8, 1), (1234, 9, 0), (1, 8, 0)]
+               for i in range(3))  # fmt: skip
