@@ -63,6 +63,16 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
+def _group_states(o: dict[str, Any]) -> list[dict[str, Any]]:
+    """ZeRO-1/2 and bf16: the torch optimizer's state per parameter group (one flat tensor
+    each): ``state_dict()["state"]``, or a plain list with ``zero_optimization.
+    elastic_checkpoint``."""
+    base = o["base_optimizer_state"]
+    if isinstance(base, list):
+        return base
+    return [base["state"][g] for g in range(len(base["state"]))]
+
+
 def consolidate(d: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int, dict[str, Any]]:
     """Per trainable parameter name, its whole ``fp32`` weight and ``exp_avg``/``exp_avg_sq``
     (each shaped like the parameter); AdamW's step; and rank 0's model-states file (LR
@@ -113,7 +123,7 @@ def consolidate(d: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int, dict[
         for name in (n for group in shapes for n in group):
             pieces: dict[str, list[torch.Tensor]] = {k: [] for k in STATES}
             for o in optim:
-                base = o["base_optimizer_state"]["state"]
+                base = _group_states(o)
                 for g, mapping in enumerate(o["param_slice_mappings"]):
                     if name in mapping:
                         frag = mapping[name]
@@ -126,7 +136,9 @@ def consolidate(d: Path) -> tuple[dict[str, dict[str, torch.Tensor]], int, dict[
             shape = next(group[name] for group in shapes if name in group)
             full[name] = {k: torch.cat(v).view(shape).clone() for k, v in pieces.items()}
         for o in optim:
-            steps.update(float(s["step"]) for s in o["base_optimizer_state"]["state"].values())
+            steps.update(float(s["step"]) for s in _group_states(o) if "step" in s)
+            if "base_optimizer_state_step" in o:  # elastic_checkpoint: the step kept aside
+                steps.add(float(o["base_optimizer_state_step"]))
     if len(steps) != 1:
         raise RuntimeError(f"{d}: AdamW step counts differ between partitions ({sorted(steps)})")
     return full, int(steps.pop()), model_states
@@ -185,6 +197,6 @@ def load_resharded(engine: Any, optimizer: torch.optim.Optimizer, scheduler: Any
             else:  # ZeRO-1/2: every rank holds the whole weight
                 p.data.copy_(value.view_as(p))
     scheduler.load_state_dict(model_states["lr_scheduler"])
-    engine.global_steps = model_states["global_steps"]
-    engine.global_samples = model_states["global_samples"]
-    engine.skipped_steps = model_states["skipped_steps"]
+    engine.global_steps = model_states.get("global_steps", engine.global_steps)
+    engine.global_samples = model_states.get("global_samples", engine.global_samples)
+    engine.skipped_steps = model_states.get("skipped_steps", engine.skipped_steps)
