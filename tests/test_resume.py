@@ -13,6 +13,7 @@ classification, the lock, the output_dir rules) is tested in this process on rea
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -568,3 +569,28 @@ def test_derived_rng_depends_on_seed_step_and_rank_only():
     assert draw(1234, 8, 0) == a
     assert all(draw(*other)[i] != a[i] for other in [(1234, 8, 1), (1234, 9, 0), (1, 8, 0)]
                for i in range(3))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_zero2_l2_anchor_resumes_on_one_rank(tmp_path):
+    """The ZeRO-1/2 path of migu_dist/deepspeed_reshard.py and the L2 anchor's resharding
+    (train/elastic.py): a 2-rank ZeRO-2 run with the anchor on from phase 2, resumed mid-phase
+    (step 6; the anchor was taken at the phase's first step and comes from the checkpoint) on 1 rank. The penalty's
+    distance from the anchor, a function of every anchor element, and the gradient norm that
+    includes it follow the uninterrupted run; the tolerance is assert_resumed_like's."""
+    from tests.test_checkpoint import assert_resumed_like
+
+    extra = ["engine.zero_stage=2", "regularization.kind=l2", "regularization.strength=0.5",
+             "checkpoint.keep_last=10", "train.max_steps=8"]  # fmt: skip
+    ref = tmp_path / "two"
+    rc, log = run(ref, "deepspeed", extra)
+    assert rc == 0, log[-3000:]
+    one = tmp_path / "one"
+    src = ref / "checkpoints" / tag_for(6)
+    rc, log = run(one, "deepspeed", [*extra, f"resume={src}", "train.grad_accum=2"], nproc=1)
+    assert rc == 0, log[-3000:]
+    got, want = rows(one), rows(ref)
+    assert_resumed_like(got, want, after=6)
+    for step in (7, 8):
+        for key in ("reg/l2_dist", "grad_norm"):
+            assert math.isclose(got[step][key], want[step][key], rel_tol=1e-6), (step, key)
