@@ -23,6 +23,7 @@ from migu_dist.regularize import L2Anchor
 from train.checkpoint import Checkpointer
 from train.config import Config
 from train.data import Batch, CPTDataLoader, PhasePlan
+from train.elastic import derive_rng
 from train.packing import DocumentMasking
 from train.tracking import NullTracker
 
@@ -357,7 +358,10 @@ class Trainer:
             self.migu.load_state_dict(rank_state["migu"])
         if self.regularizer is not None and rank_state.get("regularizer") is not None:
             self.regularizer.load_state_dict(rank_state["regularizer"])
-        set_rng_state(rank_state["rng"])
+        if rank_state["rng"] is not None:
+            set_rng_state(rank_state["rng"])
+        else:  # written by another number of ranks: streams of (seed, step, this rank)
+            derive_rng(self.cfg.train.seed, self.state.step, self.backend.rank)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
