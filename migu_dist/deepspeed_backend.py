@@ -42,6 +42,7 @@ from migu_dist.backend import (
     write_durable,
 )
 from migu_dist.config import BackendConfig
+from migu_dist.deepspeed_reshard import load_resharded, optim_files
 from migu_dist.dist import all_reduce_sum
 
 
@@ -341,6 +342,19 @@ class DeepSpeedBackend(Backend):
         return deferred.write
 
     def load(self, directory: str, tag: str) -> dict[str, Any]:
+        d = Path(directory, tag)
+        if (d / ".metadata").is_file():
+            raise RuntimeError(
+                f"{d} is an FSDP2 (torch.distributed.checkpoint) checkpoint: resume it with "
+                "engine.backend=fsdp2, or export its weights (python launch/export_hf.py "
+                f"--checkpoint {d} --out DIR) and start a new run with model.init_from=DIR."
+            )
+        written_by = len(optim_files(d))
+        if written_by and written_by != self.world_size:
+            # Another world size (ZeRO-1/2/3): consolidate per parameter and repartition.
+            load_resharded(self.engine, self.optimizer, self.scheduler, d)
+            return {}
+        # The same world size, or ZeRO-0 (whole on every rank): DeepSpeed's own loader.
         path, client_state = self.engine.load_checkpoint(
             directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

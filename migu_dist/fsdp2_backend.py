@@ -312,7 +312,14 @@ class FSDP2Backend(Backend):
         assert self.optimizer is not None and self.scheduler is not None
         path = Path(directory, tag)
         if not (path / ".metadata").is_file():
-            raise FileNotFoundError(f"no FSDP2 (DCP) checkpoint at {path}")
+            raise FileNotFoundError(
+                f"no FSDP2 (DCP) checkpoint at {path} (a DeepSpeed one? resume it with "
+                "engine.backend=deepspeed, or export its weights: python launch/export_hf.py "
+                f"--checkpoint {path} --out DIR, then a new run with model.init_from=DIR)"
+            )
+        # Any world size: DCP stores every shard with its global offsets and each rank reads
+        # the ranges its own (new) shards cover, for the model and the AdamW state alike
+        # (get_state_dict keys both by parameter name, not by rank-local position).
         state = self._state({})
         dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())  # fills ``state``
         set_state_dict(

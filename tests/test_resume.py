@@ -13,6 +13,7 @@ classification, the lock, the output_dir rules) is tested in this process on rea
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -276,7 +277,7 @@ def test_change_classes(reference, monkeypatch):
     got = classify("data.phases.0.steps=5", "train.micro_batch_size=2", "train.seed=1",
                    "model.hidden_size=32", "train.max_steps=5")  # fmt: skip
     assert set(got["refused"]) >= {
-        "data.phases[0].steps", "train.micro_batch_size x grad_accum", "train.seed",
+        "data.phases[0].steps", "global batch", "train.seed",
         "model.hidden_size", "train.max_steps",
     }  # fmt: skip
     assert got["need_override"] == []
@@ -284,6 +285,57 @@ def test_change_classes(reference, monkeypatch):
     got = classify("data.phases.2.steps=9", "data.phases.3={name: more, domains: {code: 1}}")
     assert got["refused"] == [] and "data.phases" in got["safe"]
     assert classify("data.phases.1.replay=0.2")["refused"] == ["data.phases[1].replay"]
+
+
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_world_size_change_keeps_or_refuses_the_global_batch(reference, monkeypatch):
+    """The reference's 2-rank checkpoint (4 x 1 x 2 = 8 sequences per step) on other world
+    sizes: taken when micro_batch_size x grad_accum x ranks is still 8, else refused with
+    the settings that keep it (or the world sizes that can)."""
+    monkeypatch.chdir(ROOT)
+    saved = saved_state(reference, 6)
+    fp = saved["data_fingerprint"]
+
+    def changes(world: int, *overrides: str):
+        over = [*BASE, *ENGINES["deepspeed"], "checkpoint.export_hf_at_phase_end=true", *overrides]
+        return check_changes(saved, load_config(CONFIG, over, world_size=world), world, fp)
+
+    ch = changes(1, "train.grad_accum=2")
+    assert ch.refused == ch.need_override == [] and ch.problem(Path("c")) is None
+    assert [line.split(":")[0] for line in ch.safe] == ["world size", "train.grad_accum"]
+    assert "2 -> 1 ranks (global batch 8 kept" in ch.safe[0]
+    ch = changes(4, "train.micro_batch_size=2")
+    assert ch.refused == [] and ch.need_override == []
+    # Same per-rank settings on 1 or 4 ranks: the batch would change.
+    (line,) = changes(1).refused
+    assert "8 sequences per step (4 x 1 x 2 ranks) -> 4 (4 x 1 x 1 ranks)" in line
+    assert line.endswith("on 1 ranks set train.micro_batch_size=4 train.grad_accum=2 "
+                         "(4 x 2 x 1 = 8)")  # fmt: skip
+    assert (
+        changes(4)
+        .refused[0]
+        .endswith("set train.micro_batch_size=2 train.grad_accum=1 (2 x 1 x 4 = 8)")
+    )
+    # 8 sequences cannot go evenly over 3 ranks whatever the per-rank settings.
+    (line,) = changes(3).refused
+    assert "8 sequences cannot be split evenly over 3 ranks; run on 2 or 4 ranks" in line
+    # The same world size: micro_batch_size x grad_accum must stay (as before).
+    assert changes(2, "train.grad_accum=2").refused[0].startswith("global batch: 8 ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
+def test_global_batch_that_cannot_be_kept_is_refused(backend, reference, tmp_path):
+    """As a user meets it: 3 ranks on a 2-rank run of 8 sequences per step. Every rank stops
+    before anything is written, naming the world sizes that can keep the batch. (The
+    decision is train/resume.py's, the same for both backends.)"""
+    src = reference / "checkpoints" / tag_for(12)
+    out = tmp_path / "ws"
+    rc, log = run(out, backend, [f"resume={src}"], nproc=3)
+    assert rc != 0
+    assert "global batch: 8 sequences per step (4 x 1 x 2 ranks) -> 12" in log
+    assert "8 sequences cannot be split evenly over 3 ranks; run on 2 or 4 ranks" in log
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("backend", ["deepspeed"], indirect=True)
@@ -497,3 +549,49 @@ def test_killed_and_restarted_five_times_ends_like_the_uninterrupted_run(
     expect = model_state(reference / "checkpoints", tag_for(12), backend)
     assert final.keys() == expect.keys()
     assert all(torch.equal(final[k], expect[k]) for k in final)
+
+
+def test_derived_rng_depends_on_seed_step_and_rank_only():
+    """After a resume on another number of ranks each rank's generators are seeded from
+    (seed, step, rank): the same triple draws the same numbers, another rank others."""
+    import random as pyrandom
+
+    import numpy as np
+
+    from train.elastic import derive_rng
+
+    def draw(seed: int, step: int, rank: int) -> tuple:
+        derive_rng(seed, step, rank)
+        return (torch.rand(3).tolist(), np.random.rand(3).tolist(), pyrandom.random())
+
+    a = draw(1234, 8, 0)
+    torch.rand(5)  # whatever was drawn in between does not matter
+    assert draw(1234, 8, 0) == a
+    assert all(draw(*other)[i] != a[i] for other in [(1234, 8, 1), (1234, 9, 0), (1, 8, 0)]
+               for i in range(3))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_zero2_l2_anchor_resumes_on_one_rank(tmp_path):
+    """The ZeRO-1/2 path of migu_dist/deepspeed_reshard.py and the L2 anchor's resharding
+    (train/elastic.py): a 2-rank ZeRO-2 run with the anchor on from phase 2, resumed on 1 rank
+    mid-phase (step 6: the anchor, taken at the phase's first step, comes from the
+    checkpoint). The penalty's distance from the anchor, a function of every anchor element,
+    and the gradient norm that includes it follow the uninterrupted run (relative 1e-6; the
+    losses within assert_resumed_like's tolerance)."""
+    from tests.test_checkpoint import assert_resumed_like
+
+    extra = ["engine.zero_stage=2", "regularization.kind=l2", "regularization.strength=0.5",
+             "checkpoint.keep_last=10", "train.max_steps=8"]  # fmt: skip
+    ref = tmp_path / "two"
+    rc, log = run(ref, "deepspeed", extra)
+    assert rc == 0, log[-3000:]
+    one = tmp_path / "one"
+    src = ref / "checkpoints" / tag_for(6)
+    rc, log = run(one, "deepspeed", [*extra, f"resume={src}", "train.grad_accum=2"], nproc=1)
+    assert rc == 0, log[-3000:]
+    got, want = rows(one), rows(ref)
+    assert_resumed_like(got, want, after=6)
+    for step in (7, 8):
+        for key in ("reg/l2_dist", "grad_norm"):
+            assert math.isclose(got[step][key], want[step][key], rel_tol=1e-6), (step, key)

@@ -137,11 +137,12 @@ def _safe_globals() -> list[Any]:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def read_rank_state(path: Path) -> dict[str, Any]:
+def read_rank_state(path: Path, mmap: bool = False) -> dict[str, Any]:
     """A ``rank_*.pt`` file: plain data, tensors and the allowed NumPy types only. A file that
-    would run code on loading is refused (``pickle.UnpicklingError``)."""
+    would run code on loading is refused (``pickle.UnpicklingError``). ``mmap``: tensors are
+    read from disk only where touched."""
     with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, mmap=mmap)
 
 
 def tag_for(step: int) -> str:
@@ -453,19 +454,17 @@ class Checkpointer:
         return None
 
     def load(self, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore the backend and return (trainer_state, this rank's state). Collective."""
+        """Restore the backend and return (trainer_state, this rank's state). Collective.
+
+        A checkpoint written by another number of ranks is resharded (``train/elastic.py``);
+        its ``rng`` is then None, for the caller to derive from seed, step and rank."""
         d = self.root / tag
         state = json.loads((d / "trainer_state.json").read_text())
-        if state["world_size"] != self.world:
-            raise CheckpointError(
-                f"checkpoint {d} was written by {state['world_size']} ranks, this job has "
-                f"{self.world}. Its shards and per-rank state (RNG streams, loader) are tied "
-                f"to the rank count: resume with "
-                f"{state['world_size']} ranks, or export the weights "
-                f"(python launch/export_hf.py --checkpoint {d} --out DIR) and start a new run "
-                "with model.init_from=DIR (optimizer state and data position start fresh)."
-            )
         assert self.backend is not None, "a Checkpointer without a backend only reads"
         self.backend.load(str(self.root), tag)
+        if state["world_size"] != self.world:
+            from train.elastic import load_rank_state
+
+            return state, load_rank_state(d, state["world_size"], self.backend)
         rank_state = read_rank_state(d / f"rank_{self.rank:05d}.pt")
         return state, rank_state

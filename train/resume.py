@@ -36,6 +36,7 @@ import psutil
 from migu_dist.dist import all_gather_objects
 from train.checkpoint import Checkpointer
 from train.config import Config
+from train.elastic import batch_settings
 
 LOCK = ".lock"
 HEARTBEAT_S = 30.0
@@ -452,10 +453,21 @@ def check_changes(
 
     tr, old_tr = new_cfg["train"], old_cfg["train"]
     rows, old_rows = (t["micro_batch_size"] * t["grad_accum"] for t in (tr, old_tr))
-    if rows != old_rows:
+    old_world = saved.get("world_size", world)
+    batch, old_batch = rows * world, old_rows * old_world
+    if batch != old_batch:
         ch.refused.append(
-            f"train.micro_batch_size x grad_accum: {old_rows} -> {rows} sequences per rank (the "
-            f"batch shape, tied to the data position and the world size {world})"
+            f"global batch: {old_batch} sequences per step ({old_tr['micro_batch_size']} x "
+            f"{old_tr['grad_accum']} x {old_world} ranks) -> {batch} ({tr['micro_batch_size']} x "
+            f"{tr['grad_accum']} x {world} ranks); the sequence of global batches (the data "
+            f"position) is tied to it. To keep it, "
+            + batch_settings(old_batch, world, old_tr["micro_batch_size"])
+        )
+    elastic = world != old_world and batch == old_batch
+    if elastic:
+        ch.safe.append(
+            f"world size: {old_world} -> {world} ranks (global batch {batch} kept; the shards "
+            "are resharded and each rank's RNG is derived from seed, step and rank)"
         )
     for key in sorted(old.keys() | new.keys()):
         a, b = old.get(key, ADDED.get(key, "<unset>")), new.get(key, "<unset>")
@@ -463,8 +475,11 @@ def check_changes(
             continue
         if a == "<unset>" and b is None and key.endswith(_ADDED_UNSET):
             continue  # a key added since the checkpoint, at its default: the same data
-        if rows != old_rows and key in ("train.micro_batch_size", "train.grad_accum"):
+        if batch != old_batch and key in ("train.micro_batch_size", "train.grad_accum"):
             continue  # refused above as one change
+        if elastic and key in ("train.micro_batch_size", "train.grad_accum"):
+            ch.safe.append(f"{key}: {a!r} -> {b!r} (the same global batch on {world} ranks)")
+            continue
         what = f"{a!r} -> {b!r}"
         if key == "train.max_steps" and isinstance(b, int) and b >= a:
             ch.safe.append(f"{key}: {what} (extended)")

@@ -25,6 +25,7 @@ from train.checkpoint import Checkpointer
 from train.cl_metrics import INITIAL_PHASE, INITIAL_PHASE_INDEX
 from train.config import Config
 from train.data import Batch, CPTDataLoader, PhasePlan
+from train.elastic import derive_rng
 from train.packing import DocumentMasking
 from train.tracking import NullTracker
 
@@ -364,7 +365,10 @@ class Trainer:
         for hook in self.hooks:
             if rank_state.get(hook.name) is not None:  # None: saved by a run without it
                 hook.load_state_dict(rank_state[hook.name])
-        set_rng_state(rank_state["rng"])
+        if rank_state["rng"] is not None:
+            set_rng_state(rank_state["rng"])
+        else:  # written by another number of ranks: streams of (seed, step, this rank)
+            derive_rng(self.cfg.train.seed, self.state.step, self.backend.rank)
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
