@@ -134,30 +134,18 @@ def plot_report(
             labels = [cl_metrics.INITIAL_PHASE, *labels]
         return matrix, labels
 
-    if report["domains"]:
-        m, labels = with_initial("ppl")
-        written.append(
-            plot_matrix(
-                out_dir / "cl_matrix_ppl.png",
-                m,
-                labels,
-                report["domains"],
-                title="Perplexity after each phase",
-                lower_is_better=True,
-                log_scale=True,
+    matrices = [  # (report key, columns, file, title, plot options)
+        ("ppl", "domains", "cl_matrix_ppl.png", "Perplexity",
+         {"lower_is_better": True, "log_scale": True}),
+        ("acc", "tasks", "cl_matrix_acc.png", "Accuracy", {}),
+    ]  # fmt: skip
+    for kind, columns, name, what, options in matrices:
+        if report[columns]:
+            m, labels = with_initial(kind)
+            title = f"{what} after each phase"
+            written.append(
+                plot_matrix(out_dir / name, m, labels, report[columns], title=title, **options)
             )
-        )
-    if report["tasks"]:
-        m, labels = with_initial("acc")
-        written.append(
-            plot_matrix(
-                out_dir / "cl_matrix_acc.png",
-                m,
-                labels,
-                report["tasks"],
-                title="Accuracy after each phase",
-            )
-        )
     written.append(plot_ppl_curves(out_dir / "ppl_curves.png", rows, phases))
     return written
 

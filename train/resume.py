@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -319,8 +318,8 @@ def data_fingerprint(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     first and last :data:`FINGERPRINT_BLOCK` bytes. A token store is one entry: its token
     count and ``store_id`` (a hash over its shards' checksums); a ``datasets`` directory is
     its data files."""
-    from train.data import fs
     from train.data.loader import expand_globs
+    from train.data.store import source_signature
 
     out: dict[str, list[dict[str, Any]]] = {}
     for name, dom in cfg.data.domains.items():
@@ -336,14 +335,7 @@ def data_fingerprint(cfg: Config) -> dict[str, list[dict[str, Any]]]:
             paths = expand_globs(dom.train)
         files = []
         for path in paths:
-            with fs.open_binary(path) as f:
-                size = f.seek(0, os.SEEK_END)
-                f.seek(0)
-                h = hashlib.blake2b(f.read(FINGERPRINT_BLOCK), digest_size=16)
-                if size > FINGERPRINT_BLOCK:
-                    f.seek(max(FINGERPRINT_BLOCK, size - FINGERPRINT_BLOCK))
-                    h.update(f.read())
-            files.append({"path": path, "size": size, "head_tail": h.hexdigest()})
+            files.append({"path": path, **source_signature(path, FINGERPRINT_BLOCK)})
         out[name] = files
     return out
 

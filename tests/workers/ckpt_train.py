@@ -10,12 +10,12 @@ the full consolidated state dict. Exits like ``launch/cpt.py``.
 """
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from launch.cpt import parse_args
+from tests.workers import exit_now
 from train.config import load_config
 from train.run import build_trainer
 
@@ -52,11 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    # Exit without interpreter finalisation, as run_distributed's ranks do (tests/conftest.py):
-    # with the 135M model one rank aborted at exit once in 2 runs here ("terminate called
-    # without an active exception", SIGABRT) after everything was saved and the process group
-    # destroyed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    exit_now(main())

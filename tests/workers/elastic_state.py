@@ -9,12 +9,12 @@ state and the data position. Then trains like ``launch/cpt.py`` and exits like i
 """
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from launch.cpt import parse_args
+from tests.workers import exit_now
 from train.config import load_config
 from train.run import build_trainer
 
@@ -67,7 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)  # as tests/workers/ckpt_train.py: no interpreter finalisation
+    exit_now(main())
