@@ -545,6 +545,7 @@ def write_report(args: argparse.Namespace, wall_this_session: float) -> str:
     groups = {"MIGU keep-ratio sweep": [(f"keep {k}", v) for k, v in SWEEP.items()],
               "plain at its LRs": [("LR 1e-4", "plain_lr1e-4"), ("LR matched", "plain_lrmatch"),
                                    ("LR 5e-4", "plain")],
+              "MIGU at LR 1e-4": [("MIGU LR 1e-4", "migu_lr1e-4")],
               "replay": [("replay", "replay")], "random mask": [("random", "migu_random")],
               "MIGU update": [("update", "migu_update")]}  # fmt: skip
     plots.plot_tradeoff(
