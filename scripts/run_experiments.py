@@ -26,16 +26,17 @@ arc_easy's (86k tokens for 250 items against 32k; piqa 16k), so arc_easy and piq
 
 Variants (``train.seed`` sets the data order: each new domain's two shards are mixture
 components drawn per row, and the random mask): plain (LR 5e-4), migu_grad / migu_update /
-migu_random (keep 0.3), 3 seeds each; with 1 seed: plain_lr1e-4, plain_lrmatch (its LR = 5e-4 x
-the ratio of migu_grad's to plain's measured weight change over the run: Adam's step is
-proportional to the LR, so this plain run moves the weights about as far as MIGU does), the
-keep-ratio sweep migu_keep0.1 / 0.6 / 1.0 (0.3 is migu_grad), replay (legal + 5% literature +
-5% speeches, then science with 10% replay), l2 (strength 0.1 to each phase's start, not tuned),
-lora and lora_migu (r 8, alpha 16, same LR), and migu_lr1e-4 (MIGU grad at plain's better LR,
-added after plain_lr1e-4 was measured). 22 runs. The comparison that needs error bars runs
-first (``CORE``: plain, migu_grad, migu_random, plain_lr1e-4, plain_lrmatch, migu_lr1e-4,
-migu_update; all seed-1 runs, then seeds 2 and 3), then the sweep and the other baselines, so a
-partial experiment already answers the main question.
+migu_random (keep 0.3), plain_lr1e-4 and migu_lr1e-4 (MIGU grad at plain's better LR, added
+after plain_lr1e-4 was measured: it forgot nothing and learned more than every method at 5e-4),
+3 seeds each; with 1 seed: plain_lrmatch (its LR = 5e-4 x the ratio of migu_grad's to plain's
+measured weight change over the run: Adam's step is proportional to the LR, so this plain run
+moves the weights about as far as MIGU does), the keep-ratio sweep migu_keep0.1 / 0.6 / 1.0
+(0.3 is migu_grad), replay (legal + 5% literature + 5% speeches, then science with 10% replay),
+l2 (strength 0.1 to each phase's start, not tuned), lora and lora_migu (r 8, alpha 16, same
+LR). 26 runs. The comparison that needs error bars runs first (``CORE``, in this order: plain,
+migu_grad, plain_lrmatch, plain_lr1e-4, migu_lr1e-4, migu_random, migu_update; all seed-1 runs,
+then seeds 2 and 3), then the sweep and the other baselines, so a partial experiment already
+answers the main question.
 
 Sizing. Measured (one process, one thread, fp32, SmolLM2-135M): forward+backward of 512
 tokens 5.2 CPU-s, forward 1.6 CPU-s; issue 14: 8.5 s per step of 2 ranks x 4 x 128 tokens
@@ -125,10 +126,10 @@ VARIANTS: dict[str, Variant] = {
     "migu_update": Variant("MIGU, masked rows not updated", [*MIGU, "migu.mode=update"], SEEDS),
     "migu_random": Variant("random row mask, keep 0.3", [*MIGU, "migu.selection=random"], SEEDS),
     "plain_lrmatch": Variant("plain at MIGU's weight change", lr_match=True),
-    "plain_lr1e-4": Variant("plain CPT, LR 1e-4", ["optim.lr=1e-4"]),
+    "plain_lr1e-4": Variant("plain CPT, LR 1e-4", ["optim.lr=1e-4"], SEEDS),
     # Plain at 1e-4 measured no forgetting and better new-domain perplexity than every
     # method at 5e-4: is MIGU still of use at the better LR?
-    "migu_lr1e-4": Variant("MIGU grad, LR 1e-4", [*MIGU, "migu.mode=grad", "optim.lr=1e-4"]),
+    "migu_lr1e-4": Variant("MIGU grad, LR 1e-4", [*MIGU, "migu.mode=grad", "optim.lr=1e-4"], SEEDS),
     **{
         f"migu_keep{k}": Variant(f"MIGU grad, keep {k}", [*MIGU, f"migu.keep_ratio={k}"])
         for k in (0.1, 0.6, 1.0)
@@ -153,7 +154,7 @@ VARIANTS: dict[str, Variant] = {
 }
 # MIGU against plain at its LRs and the random-mask control: run first (``plan``).
 CORE = [
-    "plain", "migu_grad", "migu_random", "plain_lr1e-4", "plain_lrmatch", "migu_lr1e-4",
+    "plain", "migu_grad", "plain_lrmatch", "plain_lr1e-4", "migu_lr1e-4", "migu_random",
     "migu_update",
 ]  # fmt: skip
 SWEEP = {0.1: "migu_keep0.1", 0.3: "migu_grad", 0.6: "migu_keep0.6", 1.0: "migu_keep1.0"}
