@@ -12,6 +12,7 @@ classification, the lock, the output_dir rules) is tested in this process on rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -508,12 +509,14 @@ def test_killed_and_restarted_five_times_ends_like_the_uninterrupted_run(
             holder = json.loads((out / LOCK).read_text())
             first = workers(proc)
             for w in first:  # paused (alive): the second must meet it whatever the timing
-                w.suspend()
+                with contextlib.suppress(psutil.NoSuchProcess):  # a child already gone (zombie)
+                    w.suspend()
             try:
                 rc, refused = run(tmp_path / "second", backend, [f"output_dir={out}"])
             finally:
                 for w in first:
-                    w.resume()
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        w.resume()
             assert rc != 0 and "is in use by another job" in refused, refused[-3000:]
             assert f"pid {holder['pid']}" in refused and holder["host"] in refused
         else:  # rows after the resumed step are from this job only once it says so
