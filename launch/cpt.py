@@ -46,20 +46,5 @@ def main(argv: list[str] | None = None) -> int:
     return run(cfg)
 
 
-def exit_without_finalisation(rc: int) -> None:
-    """Leave once the run is over, its files written and its process group destroyed,
-    skipping only the interpreter's finalisation. There, C++ destructors of threads that
-    torch.distributed and DeepSpeed leave behind can abort a rank ("terminate called without
-    an active exception", SIGABRT; seen once in about 300 launches of CI, and once in 2 runs of
-    a 135M-model test worker), and the launcher then reports a finished run as failed. Python's
-    exit handlers (the run lock, trackers, logging) still run first."""
-    import atexit
-
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
-
-
 if __name__ == "__main__":
-    exit_without_finalisation(main())
+    sys.exit(main())

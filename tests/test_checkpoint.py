@@ -15,6 +15,7 @@ checkpoint and exit 0, and ``torchrun`` then exits 0. The test sends it to the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -111,11 +112,12 @@ def wait_for_step(proc, out: Path, step: int, timeout: float = TIMEOUT) -> None:
 
 
 def workers(proc) -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "cpt.py" in " ".join(p.cmdline())
-    ]
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a child already gone (a zombie)
+            if "cpt.py" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
 
 
 def kill_all(proc, sig: int) -> None:
