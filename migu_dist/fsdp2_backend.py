@@ -18,6 +18,8 @@ gradients accumulate locally); the last one reduce-scatters the sum. The loss is
 
 Checkpoints (``<root>/<tag>/``, torch.distributed.checkpoint): every rank writes its own
 ``__<rank>_0.distcp`` with its shards of the model and AdamW state, rank 0 writes ``.metadata``.
+Tensors are stored as raw bytes (:mod:`migu_dist.dcp_raw`: DCP's planning and metadata, without
+a ``torch.save`` archive per tensor); read them with :class:`~migu_dist.dcp_raw.RawReader`.
 Keys: ``model.<fqn>``, ``optim.state.<fqn>.{step,exp_avg,exp_avg_sq}``,
 ``optim.param_groups...``, ``scheduler...``, ``client`` (``client_state`` as JSON). Loading
 runs no code from the files: the non-tensor entries are read with ``weights_only=True``
@@ -63,6 +65,7 @@ from migu_dist.backend import (
     use_bf16,
 )
 from migu_dist.config import BackendConfig
+from migu_dist.dcp_raw import RawReader, RawWriter
 from migu_dist.optim import FreezableAdamW, local
 
 
@@ -302,7 +305,7 @@ class FSDP2Backend(Backend):
                 # DCP gathers every rank's write result before returning, so a rank whose
                 # write failed (full disk) does not leave the others waiting; all ranks then
                 # raise. Its FileSystemWriter fsyncs every file.
-                dcp.save(state, checkpoint_id=str(path), process_group=group)
+                dcp.save(state, storage_writer=RawWriter(path), process_group=group)
             except CheckpointException as e:  # a BaseException: make it the Checkpointer's
                 raise RuntimeError(f"FSDP2 checkpoint {path} failed: {e}") from e
 
@@ -321,7 +324,8 @@ class FSDP2Backend(Backend):
         # the ranges its own (new) shards cover, for the model and the AdamW state alike
         # (get_state_dict keys both by parameter name, not by rank-local position).
         state = self._state({})
-        dcp.load(state, checkpoint_id=str(path), planner=SafeLoadPlanner())  # fills ``state``
+        # fills ``state``
+        dcp.load(state, storage_reader=RawReader(path), planner=SafeLoadPlanner())
         set_state_dict(
             self.module,
             self.optimizer,
@@ -358,11 +362,10 @@ def consolidate(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     """
     # What format_utils.dcp_to_torch_save does, minus the torch.save, for the model keys only
     # (the public dcp.load would copy the empty target dict and fill the copy).
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    reader = FileSystemReader(str(ckpt_dir))
+    reader = RawReader(str(ckpt_dir))
     keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
     sd: dict[str, Any] = {}
     planner = _EmptyStateDictLoadPlanner(keys=keys)

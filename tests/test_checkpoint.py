@@ -181,16 +181,18 @@ def adam_moments(d: Path, backend: str) -> dict[str, torch.Tensor]:
     the DCP entries ``optim.state.<fqn>.<moment>`` reassembled whole (no process group)."""
     moments = ("exp_avg", "exp_avg_sq")
     if backend == "fsdp2":
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        keys = FileSystemReader(str(d)).read_metadata().state_dict_metadata
+        from migu_dist.dcp_raw import RawReader
+
+        keys = RawReader(str(d)).read_metadata().state_dict_metadata
         wanted = {
             k for k in keys if k.startswith("optim.state.") and k.rsplit(".", 1)[1] in moments
         }
         with warnings.catch_warnings():  # "no process group": a one-process load is the intent
             warnings.simplefilter("ignore", UserWarning)
-            state = _load_state_dict_from_keys(wanted, checkpoint_id=str(d))["optim"]["state"]
+            state = _load_state_dict_from_keys(wanted, storage_reader=RawReader(str(d)))
+        state = state["optim"]["state"]
         return {f"{fqn}.{m}": s[m] for fqn, s in state.items() for m in moments}
     out = {}
     for rank in (0, 1):
