@@ -11,7 +11,8 @@ pre-trained on legal (phase 1), then science (phase 2), by every variant below:
 ``configs/experiments/real/base.yaml`` plus the variant's dotted overrides (``VARIANTS``).
 Every run sees the same training tokens (30 + 30 steps of 2 ranks x 2 x 128 = 512 tokens;
 replay's batches include the replayed share), weight decay 0 (the reference MIGU recipe),
-constant LR 5e-4 after 5 warm-up steps, ZeRO-3 fp32 on 2 ranks (torchrun). Evaluation:
+constant LR 5e-4 after 5 warm-up steps, ZeRO-3 on 2 ranks (torchrun) in bf16 with fp32
+master weights (``--precision``, see Precision). Evaluation:
 held-out perplexity of literature and speeches (general: what the model knew, never trained
 on here), legal and science (4,096 tokens each) at each phase end; zero-shot accuracy on
 arc_easy and piqa (all 250 shipped items each) at the end. The starting model is evaluated
