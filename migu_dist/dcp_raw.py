@@ -36,7 +36,6 @@ from torch.distributed.checkpoint.planner import (
     ReadItem,
     SavePlan,
     SavePlanner,
-    WriteItemType,
 )
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
@@ -46,7 +45,7 @@ RAW = "migu-raw-v1"  # the transform descriptor of a raw tensor item
 
 def _bytes(t: torch.Tensor) -> memoryview:
     """A contiguous CPU tensor's memory as bytes, without a copy (any dtype, 0-d included)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 class RawWriter(FileSystemWriter):
@@ -60,14 +59,12 @@ class RawWriter(FileSystemWriter):
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = f.tell()
-                if item.type == WriteItemType.BYTE_IO:
+                if isinstance(data, io.BytesIO):  # WriteItemType.BYTE_IO: non-tensor entries
                     f.write(data.getbuffer())
                     marks = None
                 else:
-                    t = data.detach()
-                    f.write(
-                        _bytes(t.cpu().contiguous() if t.device.type != "cpu" else t.contiguous())
-                    )
+                    assert isinstance(data, torch.Tensor), item.index
+                    f.write(_bytes(data.detach().cpu().contiguous()))  # .cpu(): no copy on CPU
                     marks = [RAW]
                 length = f.tell() - offset
                 results.append(
@@ -116,7 +113,7 @@ class RawReader(FileSystemReader):
         fut.set_result(None)
         return fut
 
-    def _read_item(self, f: io.BufferedReader, req: ReadItem, planner: LoadPlanner) -> None:
+    def _read_item(self, f: Any, req: ReadItem, planner: LoadPlanner) -> None:
         info: _StorageInfo = self.storage_data[req.storage_index]
         meta = self._metadata.state_dict_metadata[req.storage_index.fqn]
         assert isinstance(meta, TensorStorageMetadata), req.storage_index.fqn
