@@ -175,6 +175,12 @@ def plot_compare(path: str | Path, reports: Mapping[str, Mapping[str, Any]]) -> 
     return _save(fig, path)
 
 
+def plt_colors(i: int) -> tuple[float, ...]:
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab20"](i % 20))
+
+
 def plot_forgetting_bands(
     path: str | Path,
     runs: Mapping[str, Sequence[Mapping[str, float]]],
@@ -190,7 +196,8 @@ def plot_forgetting_bands(
         for i, (variant, summaries) in enumerate(runs.items()):
             ys = np.array([[s[template.format(p)] for p in phases] for s in summaries], float)
             mean = ys.mean(axis=0)
-            color = f"C{i % 10}"
+            # 10 colours for up to 10 variants; beyond that, tab20 (no two lines alike).
+            color = f"C{i}" if len(runs) <= 10 else plt_colors(i)
             style = "-" if len(summaries) > 1 else ":"
             ax.plot(phases, mean, style, marker="o", markersize=3, color=color, label=variant)
             if len(summaries) > 1:
