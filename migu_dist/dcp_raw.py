@@ -97,8 +97,10 @@ class RawReader(FileSystemReader):
         return list(self.storage_data[req.storage_index].transform_descriptors or ()) == [RAW]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        raw = [r for r in plan.items if self._is_raw(r)]
-        rest = [r for r in plan.items if not self._is_raw(r)]
+        raw: list[ReadItem] = []
+        rest: list[ReadItem] = []
+        for req in plan.items:
+            (raw if self._is_raw(req) else rest).append(req)
         if rest:  # non-tensor entries, and tensors of checkpoints from before this format
             super().read_data(dataclasses.replace(plan, items=rest), planner).wait()
         per_file: dict[str, list[ReadItem]] = {}
@@ -131,7 +133,7 @@ class RawReader(FileSystemReader):
         view = _bytes(dest)
         if view.nbytes != info.length:
             raise RuntimeError(
-                f"{rel_name(self.path, info)}: {req.storage_index.fqn} holds {info.length} "
+                f"{_rel_name(self.path, info)}: {req.storage_index.fqn} holds {info.length} "
                 f"bytes, {view.nbytes} expected (a damaged or foreign checkpoint)"
             )
         f.seek(info.offset)
@@ -140,7 +142,7 @@ class RawReader(FileSystemReader):
             n = f.readinto(view[done:])
             if not n:
                 raise RuntimeError(
-                    f"{rel_name(self.path, info)}: ends inside {req.storage_index.fqn}"
+                    f"{_rel_name(self.path, info)}: ends inside {req.storage_index.fqn}"
                 )
             done += n
         if not direct:
@@ -148,5 +150,6 @@ class RawReader(FileSystemReader):
         planner.commit_tensor(req, target)
 
 
-def rel_name(path: Any, info: _StorageInfo) -> str:
+def _rel_name(path: Any, info: _StorageInfo) -> str:
+    """The file an item lives in, for error messages."""
     return os.path.join(str(path), info.relative_path)

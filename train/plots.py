@@ -175,7 +175,7 @@ def plot_compare(path: str | Path, reports: Mapping[str, Mapping[str, Any]]) -> 
     return _save(fig, path)
 
 
-def plt_colors(i: int) -> tuple[float, ...]:
+def _tab20(i: int) -> tuple[float, ...]:
     from matplotlib import colormaps
 
     return tuple(colormaps["tab20"](i % 20))
@@ -197,7 +197,7 @@ def plot_forgetting_bands(
             ys = np.array([[s[template.format(p)] for p in phases] for s in summaries], float)
             mean = ys.mean(axis=0)
             # 10 colours for up to 10 variants; beyond that, tab20 (no two lines alike).
-            color = f"C{i}" if len(runs) <= 10 else plt_colors(i)
+            color = f"C{i}" if len(runs) <= 10 else _tab20(i)
             style = "-" if len(summaries) > 1 else ":"
             ax.plot(phases, mean, style, marker="o", markersize=3, color=color, label=variant)
             if len(summaries) > 1:
