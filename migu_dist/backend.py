@@ -22,21 +22,6 @@ from migu_dist.config import BackendConfig, EngineConfig, OptimConfig
 from migu_dist.optim import FreezableAdamW
 
 
-def write_durable(path: str | os.PathLike[str], data: bytes | Any) -> None:
-    """Write ``data`` (bytes, or an object for ``torch.save``) and fsync it: the manifest and
-    ``latest`` that follow must never point at data still only in the page cache."""
-    if isinstance(data, bytes | bytearray | memoryview):
-        with open(path, "wb") as f:
-            f.write(data)
-    else:
-        torch.save(data, path)  # to a path: torch writes natively, not through Python's write
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Stager:
     """Copies state to host memory for a background write (what the step loop waits for).
 
@@ -217,19 +202,32 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def snapshot(
         self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
-    ) -> Callable[[Any], None]:
+    ) -> Callable[[Any], dict[str, dict[str, int]]]:
         """Collective, in the step loop: take the state ``save`` writes and return the writer
         of this rank's shards, called later (from a background thread when the checkpoint is
-        asynchronous) with the process group for its own collectives (None: the default).
+        asynchronous) with the process group for its own collectives (None: the default). The
+        writer returns the files it wrote (path: ``{"size", "crc32c"}``, as
+        ``migu_dist.durable.DurableFile`` reports them), every one fsynced; the Checkpointer
+        checksums any other file of the checkpoint itself.
 
         ``copy``: the state is copied to host memory first, so the writer sees this moment's
         state while training goes on; without it the writer must be called before the next
         step. The writer must complete its collectives even when its writes fail (full disk),
         then raise ``OSError`` or ``RuntimeError``."""
 
+    def prefetch(self, directory: str, tag: str) -> tuple[Any, str | None]:
+        """Read into memory what ``load(directory, tag)`` will read on this rank, while the
+        Checkpointer checksums the same files: the disk is read once, and deserialised
+        meanwhile. Returns ``(prefetched, problem)``: ``prefetched`` goes to ``load`` once the
+        checkpoint has verified on every rank; ``problem`` names a file that could not be
+        read. Never raises for a damaged file (one rank raising alone would leave the others
+        in the next collective). Default: nothing (the backend reads at ``load``)."""
+        return None, None
+
     @abc.abstractmethod
-    def load(self, directory: str, tag: str) -> dict[str, Any]:
-        """Restore shards, optimizer and schedule; returns the saved ``client_state``."""
+    def load(self, directory: str, tag: str, prefetched: Any = None) -> dict[str, Any]:
+        """Restore shards, optimizer and schedule; returns the saved ``client_state``.
+        ``prefetched``: what ``prefetch`` returned for this checkpoint (read from there)."""
 
     def set_optim_hparams(self, o: OptimConfig) -> None:
         """After ``load``: make AdamW and the LR schedule use ``o`` instead of the values the

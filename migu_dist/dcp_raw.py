@@ -40,6 +40,8 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from migu_dist.durable import DurableFile
+
 RAW = "migu-raw-v1"  # the transform descriptor of a raw tensor item
 
 
@@ -50,12 +52,18 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 class RawWriter(FileSystemWriter):
     """One file per rank: each tensor's bytes in plan order, the non-tensor entries as DCP
-    writes them (their serialised bytes). fsynced before DCP writes ``.metadata``."""
+    writes them (their serialised bytes). Written through :class:`DurableFile` (fsynced
+    before DCP writes ``.metadata``); ``written`` then holds its size and CRC32C."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: dict[str, dict[str, int]] = {}
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        path = os.path.join(str(self.path), name)
         results = []
-        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as f:
+        with DurableFile(path) as f:
             for item in plan.items:
                 data = planner.resolve_data(item)
                 offset = f.tell()
@@ -76,9 +84,7 @@ class RawWriter(FileSystemWriter):
                         ),
                     )
                 )
-            f.flush()
-            if self.sync_files:
-                os.fsync(f.fileno())
+            self.written[path] = f.close()
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut

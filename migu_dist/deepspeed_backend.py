@@ -39,11 +39,11 @@ from migu_dist.backend import (
     adamw,
     ensure_world_env,
     use_bf16,
-    write_durable,
 )
 from migu_dist.config import BackendConfig
 from migu_dist.deepspeed_reshard import load_resharded, optim_files
 from migu_dist.dist import all_reduce_sum
+from migu_dist.durable import write_durable
 
 
 def deepspeed_config(cfg: BackendConfig, world_size: int) -> dict[str, Any]:
@@ -320,7 +320,7 @@ class DeepSpeedBackend(Backend):
 
     def snapshot(
         self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
-    ) -> Callable[[Any], None]:
+    ) -> Callable[[Any], dict[str, dict[str, int]]]:
         # DeepSpeed's save_checkpoint builds each file's state dict and hands it to its
         # checkpoint engine; ours only keeps them (copied to host memory when ``copy``), and
         # the returned writer torch.saves them. DeepSpeed's own asynchronous writers (the
@@ -341,7 +341,25 @@ class DeepSpeedBackend(Backend):
             self.engine.checkpoint_engine = live
         return deferred.write
 
-    def load(self, directory: str, tag: str) -> dict[str, Any]:
+    def prefetch(self, directory: str, tag: str) -> tuple[Any, str | None]:
+        # The files DeepSpeed's own loader reads on this rank: the shared model states of ZeRO
+        # 0-2 (mp_rank_*) and this rank's partitions (*zero_pp_rank_R_*), deserialised as it
+        # does (optimizer files to host memory, the rest where they were saved).
+        d = Path(directory, tag)
+        if len(optim_files(d)) not in (0, self.world_size):
+            return None, None  # another world size: load_resharded reads every rank's files
+        out = {}
+        for p in sorted(d.glob("*.pt")):
+            if not (p.name.startswith("mp_rank_") or f"pp_rank_{self.rank}_" in p.name):
+                continue
+            where = "cpu" if "optim_states" in p.name else (lambda storage, loc: storage)
+            try:
+                out[os.path.normpath(p)] = torch.load(p, map_location=where, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - damaged: reported and agreed on, not raised
+                return None, f"{p.name}: unreadable ({type(e).__name__}: {e})"
+        return out, None
+
+    def load(self, directory: str, tag: str, prefetched: Any = None) -> dict[str, Any]:
         d = Path(directory, tag)
         if (d / ".metadata").is_file():
             raise RuntimeError(
@@ -354,10 +372,16 @@ class DeepSpeedBackend(Backend):
             # Another world size (ZeRO-1/2/3): consolidate per parameter and repartition.
             load_resharded(self.engine, self.optimizer, self.scheduler, d)
             return {}
-        # The same world size, or ZeRO-0 (whole on every rank): DeepSpeed's own loader.
-        path, client_state = self.engine.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        # The same world size, or ZeRO-0 (whole on every rank): DeepSpeed's own loader, given
+        # the files already read by ``prefetch``.
+        live = self.engine.checkpoint_engine
+        self.engine.checkpoint_engine = _Prefetched(live, prefetched or {})
+        try:
+            path, client_state = self.engine.load_checkpoint(
+                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        finally:
+            self.engine.checkpoint_engine = live
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag!r} in {directory}")
         return client_state or {}
@@ -415,7 +439,30 @@ class _DeferredWrites(CheckpointEngine):
         # DeepSpeed clones some state dicts for such engines; ``stage`` copies anyway.
         return self.stager is None
 
-    def write(self, group: Any) -> None:
-        for path, state in self.files:
-            write_durable(path, state)
+    def write(self, group: Any) -> dict[str, dict[str, int]]:
+        written = {path: write_durable(path, state) for path, state in self.files}
         self.files = []
+        return written
+
+
+class _Prefetched(CheckpointEngine):
+    """DeepSpeed's checkpoint engine during a load: a file ``prefetch`` already read comes
+    from memory (once: DeepSpeed owns the object then), any other from ``live``."""
+
+    def __init__(self, live: CheckpointEngine, objects: dict[str, Any]):
+        super().__init__()
+        self.live = live
+        self.objects = objects
+
+    def create(self, info: Any) -> None:
+        self.live.create(info)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.live.save(state_dict, path)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        obj = self.objects.pop(os.path.normpath(path), None)
+        return obj if obj is not None else self.live.load(path, map_location=map_location)
+
+    def commit(self, info: Any) -> bool:
+        return self.live.commit(info)

@@ -294,24 +294,26 @@ class FSDP2Backend(Backend):
 
     def snapshot(
         self, directory: str, tag: str, client_state: dict[str, Any], copy: bool
-    ) -> Callable[[Any], None]:
+    ) -> Callable[[Any], dict[str, dict[str, int]]]:
         path = Path(directory, tag)
         state = self._state(client_state)
         if copy:  # what DCP's async_save stages: every local shard copied to host memory
             state = self.stager.stage(state)
 
-        def write(group: Any) -> None:
+        def write(group: Any) -> dict[str, dict[str, int]]:
+            writer = RawWriter(path)
             try:
                 # DCP gathers every rank's write result before returning, so a rank whose
                 # write failed (full disk) does not leave the others waiting; all ranks then
-                # raise. Its FileSystemWriter fsyncs every file.
-                dcp.save(state, storage_writer=RawWriter(path), process_group=group)
+                # raise. Every file is fsynced (RawWriter's, and DCP's .metadata).
+                dcp.save(state, storage_writer=writer, process_group=group)
             except CheckpointException as e:  # a BaseException: make it the Checkpointer's
                 raise RuntimeError(f"FSDP2 checkpoint {path} failed: {e}") from e
+            return writer.written
 
         return write
 
-    def load(self, directory: str, tag: str) -> dict[str, Any]:
+    def load(self, directory: str, tag: str, prefetched: Any = None) -> dict[str, Any]:
         assert self.optimizer is not None and self.scheduler is not None
         path = Path(directory, tag)
         if not (path / ".metadata").is_file():

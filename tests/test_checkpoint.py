@@ -146,10 +146,11 @@ def assert_same_trajectory(out: Path, ref: dict[int, dict], after: int) -> None:
         assert got[step] == ref[step], f"step {step} differs after resuming at {after}"
 
 
-def flip_bytes(path: Path) -> None:
-    """Corrupt a shard without changing its size (only the checksum can tell)."""
+def flip_bytes(path: Path, at_end: bool = False) -> None:
+    """Corrupt a shard without changing its size (only the checksum can tell): 16 bytes in
+    its middle, or its last 16 (a zip's end of central directory: torch.load fails)."""
     with path.open("r+b") as f:
-        f.seek(path.stat().st_size // 2)
+        f.seek(path.stat().st_size - 16 if at_end else path.stat().st_size // 2)
         b = f.read(16)
         f.seek(-16, 1)
         f.write(bytes(x ^ 0xFF for x in b))
@@ -232,7 +233,9 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(backend, reference, tmp
     2. SIGKILL of everything at step >= 10 (latest: step 9). The newest checkpoint is then
        corrupted (same size, flipped bytes) and a half-written one (no manifest) lies next to
        it. The restart warns, falls back to the previous complete checkpoint (step 8, the
-       phase-2 boundary) and finishes.
+       phase-2 boundary) and finishes. The bytes flipped are rank 1's shard's last: for
+       DeepSpeed its zip's directory, so that rank's read ahead (``Backend.prefetch``, while
+       it checksums) fails while rank 0's succeeds, and must be agreed on, not raised alone.
     Every metrics row (loss, lr, grad norm, phase, tokens by domain/phase, MIGU statistics)
     equals the uninterrupted reference run's, bit for bit."""
     ref = rows(reference)
@@ -259,7 +262,7 @@ def test_sigterm_sigkill_corruption_resume_bit_identical(backend, reference, tmp
     assert f"Resumed from {ck / tag_for(stopped)} at step {stopped}" in log
     newest = latest(out)
     assert newest == tag_for(9)
-    flip_bytes(shard(ck / newest, backend, rank=1))
+    flip_bytes(shard(ck / newest, backend, rank=1), at_end=True)
     half = ck / tag_for(10)  # a save that died before its manifest
     half.mkdir(exist_ok=True)
     shard(half, backend, rank=0).write_bytes(b"partial")
@@ -790,3 +793,30 @@ def test_manifests_of_earlier_versions_zlib_crc32_still_verify(tmp_path):
         assert Checkpointer.verify(d) is None, kind
         flip_bytes(d / "shard.pt")
         assert "checksum mismatch" in (Checkpointer.verify(d) or ""), kind
+
+
+def test_durable_file_reports_the_size_and_crc32c_of_what_reached_the_file(tmp_path, monkeypatch):
+    """The checksums in a manifest come from the writer (``migu_dist.durable``), not from
+    reading the file back: they must be the file's, for raw bytes written in pieces and for
+    ``torch.save`` through it, with the early writeback taken every 1 kB."""
+    import crc32c
+
+    from migu_dist import durable
+
+    monkeypatch.setattr(durable, "WRITEBACK_BYTES", 1024)
+    pieces = [bytes(range(256)) * 9, b"", memoryview(bytes(5000)), bytearray(b"tail")]
+    with durable.DurableFile(tmp_path / "raw") as f:
+        for piece in pieces:
+            f.write(piece)
+        got = f.close()
+    data = (tmp_path / "raw").read_bytes()
+    assert data == b"".join(bytes(p) for p in pieces)
+    assert got == {"size": len(data), "crc32c": crc32c.crc32c(data)}
+
+    state = {"w": torch.randn(300, 7), "step": 3, "m": [torch.arange(5)]}
+    got = durable.write_durable(tmp_path / "obj.pt", state)
+    data = (tmp_path / "obj.pt").read_bytes()
+    assert got == {"size": len(data), "crc32c": crc32c.crc32c(data)}
+    back = torch.load(tmp_path / "obj.pt", weights_only=True)
+    assert torch.equal(back["w"], state["w"]) and back["step"] == 3
+    assert torch.equal(back["m"][0], state["m"][0])

@@ -16,8 +16,9 @@ the previous complete one) and the next save replaces.
 
 Asynchronous saves (``checkpoint.async_save``): ``save`` returns once every rank holds a copy
 of its state in host memory (the backend's ``snapshot``); a background thread writes the
-files, fsyncs them, checksums them and, once every rank's thread is done, writes the manifest,
-``latest``, ``pinned`` and ``history`` and rotates, exactly as a synchronous save does. Until
+files (checksummed on their way to the disk, ``migu_dist.durable``), fsyncs them and, once
+every rank's thread is done, writes the manifest, ``latest``, ``pinned`` and ``history`` and
+rotates, exactly as a synchronous save does. Until
 then the step directory has no manifest, so a crash (SIGKILL, preemption) during the write
 leaves the previous checkpoint as ``latest`` and the run resumes from it. One save is in flight
 at a time: the next ``save`` (and ``wait``) first waits for the previous one. The background
@@ -50,6 +51,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +59,9 @@ import crc32c
 import torch
 import torch.distributed as dist
 
-from migu_dist.backend import Backend, write_durable
+from migu_dist.backend import Backend
 from migu_dist.dist import all_gather_objects, barrier, print0
+from migu_dist.durable import write_durable
 
 MANIFEST = "manifest.json"
 
@@ -153,9 +156,10 @@ class CheckpointError(RuntimeError):
     pass
 
 
-ShardWriter = Callable[[Any], None]
+ShardWriter = Callable[[Any], dict[str, dict[str, int]]]
 """What a backend's ``snapshot`` returns: writes this rank's shards when called with the
-process group to use for the write's own collectives (None: the default group)."""
+process group to use for the write's own collectives (None: the default group), and returns
+each file it wrote with its size and CRC32C."""
 
 
 class Checkpointer:
@@ -180,6 +184,7 @@ class Checkpointer:
         self._result = True  # of the last save written in the background
         self._error: Exception | None = None  # a writer's unexpected exception, for ``wait``
         self._pg: Any = None
+        self._prefetched: tuple[str, Any] | None = None  # (tag, what the backend read)
 
     # ---------------------------------------------------------------- save
 
@@ -272,12 +277,14 @@ class Checkpointer:
     ) -> bool:
         """The files, the manifest and ``latest``; in the background when asynchronous."""
         ok = True
+        written: dict[str, dict[str, int]] = {}  # file: size and CRC32C, as written
         try:
             delay = float(os.environ.get(WRITE_DELAY_ENV, "0"))
             if delay:
                 time.sleep(delay)
-            write(group)
-            write_durable(d / f"rank_{self.rank:05d}.pt", rank_bytes)
+            written.update(write(group))
+            rank_file = d / f"rank_{self.rank:05d}.pt"
+            written[str(rank_file)] = write_durable(rank_file, rank_bytes)
             if self.rank == 0:
                 _atomic_write(d / "trainer_state.json", state_json)
         except (OSError, RuntimeError) as e:
@@ -289,7 +296,7 @@ class Checkpointer:
             ok = False
         ok = all(all_gather_objects(ok, group))
         if ok:
-            ok = self._write_manifest(d, group)
+            ok = self._write_manifest(d, written, group)
         if not ok:
             self._give_up(tag, d, group)
             return False
@@ -320,13 +327,17 @@ class Checkpointer:
         p = self.root / "latest"
         return p.read_text().strip() if p.is_file() else None
 
-    def _write_manifest(self, d: Path, group: Any = None) -> bool:
-        # Every rank checksums its own files (still in its page cache), the rest are shared
-        # round-robin; rank 0 writes the manifest.
+    def _write_manifest(
+        self, d: Path, written: dict[str, dict[str, int]], group: Any = None
+    ) -> bool:
+        # The writers checksummed the shards as they wrote them (``written``, each rank its
+        # own); the few other files (DCP's .metadata, trainer_state.json) are read back and
+        # checksummed, shared round-robin. Rank 0 writes the manifest.
         barrier(group)
+        mine = {str(Path(p).relative_to(d)): meta for p, meta in written.items()}
+        known = {rel for part in all_gather_objects(sorted(mine), group) for rel in part}
         files = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
-        owner = _owners([f for f in files if f != MANIFEST], self.world)
-        mine = {}
+        owner = _owners([f for f in files if f != MANIFEST and f not in known], self.world)
         try:
             for rel, r in owner.items():
                 if r == self.rank:
@@ -410,28 +421,49 @@ class Checkpointer:
                 return problem
         return None
 
-    def verify_collective(self, d: Path) -> str | None:
+    def verify_collective(self, d: Path, prefetch: bool = False) -> str | None:
         """``verify`` with the checksumming shared among the ranks: each checksums the files it
         is about to load (its own shards), the rest round-robin. Collective; every rank gets
-        the same answer."""
+        the same answer.
+
+        ``prefetch``: meanwhile, the backend reads what its load of ``d`` will read
+        (``Backend.prefetch``; the same files, so the disk is read once), kept for
+        ``load`` when ``d`` verifies."""
+        self._prefetched = None
         try:
             manifest = json.loads((d / MANIFEST).read_text())["files"]
         except (OSError, ValueError, KeyError) as e:
             problem: str | None = f"unreadable manifest ({e})"
         else:
-            problem = None
-            for rel, r in _owners(list(manifest), self.world).items():
-                if r == self.rank:
-                    problem = _check_file(d / rel, rel, manifest[rel])
-                    if problem:
-                        break
-        problems = [p for p in all_gather_objects(problem) if p]
-        return problems[0] if problems else None
 
-    def find_latest_good(self) -> str | None:
+            def my_share() -> str | None:
+                for rel, r in _owners(list(manifest), self.world).items():
+                    if r == self.rank:
+                        problem = _check_file(d / rel, rel, manifest[rel])
+                        if problem:
+                            return problem
+                return None
+
+            if prefetch and self.backend is not None:
+                with ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
+                    checked = pool.submit(my_share)  # reads and CRCs release the GIL
+                    fetched, problem = self.backend.prefetch(str(d.parent), d.name)
+                    problem = checked.result() or problem
+            else:
+                fetched, problem = None, my_share()
+        problems = [p for p in all_gather_objects(problem) if p]
+        if problems:
+            return problems[0]
+        if prefetch:
+            self._prefetched = (d.name, fetched)
+        return None
+
+    def find_latest_good(self, prefetch: bool = False) -> str | None:
         """The newest checkpoint that verifies, starting from ``latest``; warns on fallback.
 
-        Collective: the ranks share the checksumming and agree on the tag."""
+        Collective: the ranks share the checksumming and agree on the tag. ``prefetch``: the
+        caller will ``load`` the tag found, so the backend reads it while it is checksummed
+        (``verify_collective``)."""
         candidates = self.complete_tags()
         pointed = self.latest_tag()
         if pointed is not None:
@@ -443,7 +475,7 @@ class Checkpointer:
                 )
             candidates = [t for t in candidates if t <= pointed]
         for tag in reversed(candidates):
-            problem = self.verify_collective(self.root / tag)
+            problem = self.verify_collective(self.root / tag, prefetch)
             if problem is None:
                 return tag
             print0(
@@ -461,7 +493,10 @@ class Checkpointer:
         d = self.root / tag
         state = json.loads((d / "trainer_state.json").read_text())
         assert self.backend is not None, "a Checkpointer without a backend only reads"
-        self.backend.load(str(self.root), tag)
+        prefetched, self._prefetched = self._prefetched, None
+        self.backend.load(
+            str(self.root), tag, prefetched[1] if prefetched and prefetched[0] == tag else None
+        )
         if state["world_size"] != self.world:
             from train.elastic import load_rank_state
 

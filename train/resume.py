@@ -254,7 +254,8 @@ def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] |
     if cfg.resume != "auto":
         path = Path(cfg.resume).resolve()
         source = Checkpointer(path.parent, ckpt.backend)
-        problem = source.verify_collective(path)  # the ranks share the checksumming
+        # The ranks share the checksumming, while the backend reads what it will load.
+        problem = source.verify_collective(path, prefetch=True)
         if problem:
             raise ResumeError(f"resume={cfg.resume}: checkpoint is damaged ({problem}).")
         return source, path.name
@@ -269,7 +270,7 @@ def resume_source(cfg: Config, ckpt: Checkpointer) -> tuple[Checkpointer, str] |
             f"{', '.join(complete) or 'none'}. " + ways_on(out)
         )
     agree(problem)
-    tag = ckpt.find_latest_good()
+    tag = ckpt.find_latest_good(prefetch=True)  # the backend reads it meanwhile
     if tag is None:
         found = earlier_work(out)
         if found:
