@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -66,6 +67,7 @@ from migu_dist.backend import (
 )
 from migu_dist.config import BackendConfig
 from migu_dist.dcp_raw import RawReader, RawWriter
+from migu_dist.dist import all_gather_objects
 from migu_dist.optim import FreezableAdamW, local
 
 
@@ -305,8 +307,11 @@ class FSDP2Backend(Backend):
             try:
                 # DCP gathers every rank's write result before returning, so a rank whose
                 # write failed (full disk) does not leave the others waiting; all ranks then
-                # raise. Every file is fsynced (RawWriter's, and DCP's .metadata).
-                dcp.save(state, storage_writer=writer, process_group=group)
+                # raise. Every file is fsynced (RawWriter's, and DCP's .metadata). The plans
+                # are cached: from the second save on, a rank whose plan is unchanged (the same
+                # keys and shard shapes) sends none, and the coordinator reuses its global plan.
+                planner = DefaultSavePlanner(enable_plan_caching=True)
+                dcp.save(state, storage_writer=writer, planner=planner, process_group=group)
             except CheckpointException as e:  # a BaseException: make it the Checkpointer's
                 raise RuntimeError(f"FSDP2 checkpoint {path} failed: {e}") from e
             return writer.written
@@ -326,8 +331,20 @@ class FSDP2Backend(Backend):
         # the ranges its own (new) shards cover, for the model and the AdamW state alike
         # (get_state_dict keys both by parameter name, not by rank-local position).
         state = self._state({})
-        # fills ``state``
-        dcp.load(state, storage_reader=RawReader(path), planner=SafeLoadPlanner())
+        # Each rank plans and reads its own shards into ``state`` alone: DCP's load needs no
+        # coordination (its collective planning only gathers the ~1k-item plans and scatters
+        # them back unchanged, a third of a SmolLM2 load here). The ranks then agree on the
+        # outcome once, so that a rank whose read failed does not raise alone.
+        problem = None
+        try:
+            _load_state_dict(
+                state, storage_reader=RawReader(path), planner=SafeLoadPlanner(), no_dist=True
+            )
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - agreed on, then raised
+            problem = f"{type(e).__name__}: {e}"
+        problems = [p for p in all_gather_objects(problem) if p]
+        if problems:
+            raise RuntimeError(f"FSDP2 checkpoint {path} could not be read: {problems[0]}")
         set_state_dict(
             self.module,
             self.optimizer,
@@ -365,7 +382,6 @@ def consolidate(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     # What format_utils.dcp_to_torch_save does, minus the torch.save, for the model keys only
     # (the public dcp.load would copy the empty target dict and fill the copy).
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     reader = RawReader(str(ckpt_dir))
     keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
