@@ -14,7 +14,7 @@ Launches itself on ``--nproc`` ranks (torchrun, gloo on CPU) and builds one mode
 It takes one optimizer step so that the optimizer state exists and one untimed asynchronous
 save (it allocates the host buffers later saves reuse: ``first_stall_s``), then per repeat,
 each on the same disk and with the previous files deleted first (the disk need only hold one
-copy):
+copy) and synced (``os.sync``: no write-back of an earlier step runs into a timed one):
 
 - ``async``: ``Checkpointer.save`` with ``async_save``: ``stall`` is the time until it returns
   (what the step loop waits: the copy to host memory), ``save`` until ``wait()`` returns (the
@@ -25,6 +25,8 @@ copy):
   deserialises its files meanwhile, FSDP2 reads nothing ahead) + ``restore``
   (``Checkpointer.load``: the backend's load) of the asynchronous checkpoint, cold: its files
   are dropped from the page cache first (``posix_fadvise(DONTNEED)`` on our own files only);
+  ``load_no_prefetch``: the same load, cold again, with the checksums first and the backend's
+  read after them (how every load ran before ``Backend.prefetch``);
 - ``plain``: every rank ``torch.save`` of the same tensors (DeepSpeed: the very objects it
   wrote for that rank; FSDP2: the rank's local shards of the weights and AdamW moments plus
   its trainer state), without and with an fsync, and ``torch.load`` of them back, cold.
@@ -32,7 +34,8 @@ copy):
 The step loop is idle during the background write here; in training the write competes with
 the steps for CPU and disk (on GPU nodes the steps run on the accelerators). Time is the
 slowest rank's, between barriers; bytes are summed over ranks; ratios are throughputs
-(bytes / median time), ours over plain. Prints one JSON line.
+(bytes / median time), ours over plain, and ``paired_median`` the median of each repeat's own
+ratio. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -133,15 +136,18 @@ def worker(args: argparse.Namespace) -> None:
     rank_state = {"rng": torch.get_rng_state()}
 
     def clear(d: Path) -> None:
+        # Every timed save starts on an empty directory and a disk with nothing left to write
+        # back (the deletion and any earlier write are synced first), ours and plain alike.
         dist.barrier()
         if rank == 0:
             shutil.rmtree(d, ignore_errors=True)
+        os.sync()
         dist.barrier()
 
     t: dict[str, list[float]] = {
         k: [] for k in ("stall", "save", "sync_save", "load", "verify", "restore", "plain_save")
     }
-    t["plain_save_fsync"], t["plain_load"] = [], []
+    t["plain_save_fsync"], t["plain_load"], t["load_no_prefetch"] = [], [], []
     ours_bytes = plain_bytes = 0
     # Untimed: the first asynchronous save allocates the host buffers that later ones reuse.
     dist.barrier()
@@ -168,6 +174,11 @@ def worker(args: argparse.Namespace) -> None:
         )
         t["restore"].append(_timed(lambda found=found: sync.load(found[0])))
         t["load"].append(t["verify"][-1] + t["restore"][-1])
+        # The same load without the read ahead: checksums first, then the backend reads.
+        if rank == 0:
+            _drop_cache(d)
+        took = _timed(lambda: sync.load(sync.find_latest_good(prefetch=False) or ""))
+        t["load_no_prefetch"].append(took)
 
         rank_file = d / f"rank_{rank:05d}.pt"
         if args.backend == "deepspeed":
@@ -191,8 +202,6 @@ def worker(args: argparse.Namespace) -> None:
         t["sync_save"].append(_timed(lambda i=i: sync.save(2 * i + 1, state, rank_state, False)))
         clear(ours_dir)
 
-        plain_dir.mkdir(parents=True, exist_ok=True)
-
         def plain_save(fsync: bool, objs=objs) -> None:
             for n, o in objs.items():
                 torch.save(o, plain_dir / n)
@@ -201,8 +210,11 @@ def worker(args: argparse.Namespace) -> None:
                     os.fsync(fd)
                     os.close(fd)
 
-        t["plain_save"].append(_timed(lambda: plain_save(False)))
-        t["plain_save_fsync"].append(_timed(lambda: plain_save(True)))
+        for fsync, key in ((False, "plain_save"), (True, "plain_save_fsync")):
+            shutil.rmtree(plain_dir, ignore_errors=True)  # fresh files, as ours are
+            plain_dir.mkdir(parents=True)
+            clear(ours_dir)  # (nothing to delete: the barrier and sync)
+            t[key].append(_timed(lambda fsync=fsync: plain_save(fsync)))
         _drop_cache(plain_dir)
         t["plain_load"].append(
             _timed(lambda objs=objs: [torch.load(plain_dir / n, weights_only=False) for n in objs])
@@ -220,6 +232,16 @@ def worker(args: argparse.Namespace) -> None:
         fs = subprocess.run(["df", "-T", str(base.parent)], capture_output=True, text=True).stdout
         nbytes = {k: plain_bytes if k.startswith("plain") else ours_bytes for k in t}
         rate = {k: nbytes[k] / med(v) for k, v in t.items()}
+
+        def paired(ours: str, plain: str) -> float:
+            # Median over repeats of each repeat's own ratio: a slow spell of the disk that
+            # hits one repeat's pair together cancels out.
+            per = [
+                (nbytes[ours] / a) / (nbytes[plain] / b)
+                for a, b in zip(t[ours], t[plain], strict=True)
+            ]
+            return med(per)
+
         print(
             json.dumps(
                 {
@@ -228,7 +250,16 @@ def worker(args: argparse.Namespace) -> None:
                     "save_ratio_vs_fsynced_plain": rate["save"] / rate["plain_save_fsync"],
                     "sync_save_ratio": rate["sync_save"] / rate["plain_save"],
                     "load_ratio": rate["load"] / rate["plain_load"],
+                    "load_no_prefetch_ratio": rate["load_no_prefetch"] / rate["plain_load"],
                     "stall_over_save": med(t["stall"]) / med(t["save"]),
+                    "paired_median": {
+                        "save_ratio": paired("save", "plain_save"),
+                        "save_ratio_vs_fsynced_plain": paired("save", "plain_save_fsync"),
+                        "sync_save_ratio": paired("sync_save", "plain_save"),
+                        "load_ratio": paired("load", "plain_load"),
+                        "load_no_prefetch_ratio": paired("load_no_prefetch", "plain_load"),
+                        "stall_over_save": med(a / b for a, b in zip(t["stall"], t["save"])),
+                    },
                     "first_stall_s": first_stall,
                     "MBps": {k: v / 1e6 for k, v in rate.items()},
                     "seconds": t,

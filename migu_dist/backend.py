@@ -32,10 +32,13 @@ class Stager:
     page-faults every byte again, at GBs most of the stall. So one copy of the state stays in
     host memory between saves; a buffer is reused only after the write that used it is done
     (the Checkpointer lets one save be in flight). From CUDA, the buffers are pinned. Dicts
-    and lists are copied; other leaves (numbers, strings, dtypes) are immutable and shared."""
+    and lists are copied; other leaves (numbers, strings, dtypes) are immutable and shared.
+    A DTensor's wrapper around its buffer is kept too while its mesh, placements and shape
+    stay: wrapping ~800 shards again took a third of an FSDP2 SmolLM2 stall."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._dtensors: dict[tuple[Any, ...], tuple[Any, torch.Tensor]] = {}  # (DTensor, buffer)
         self._from_cuda = False
 
     def stage(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
@@ -52,9 +55,19 @@ class Stager:
 
         if isinstance(obj, DTensor):
             local = self._copy(obj.to_local(), key)
-            return DTensor.from_local(
-                local, obj.device_mesh, obj.placements, shape=obj.shape, stride=obj.stride()
-            )
+            kept, wrapped = self._dtensors.get(key, (None, None))
+            if not (
+                wrapped is local  # the same buffer (``_copy`` returns it)
+                and kept.device_mesh == obj.device_mesh
+                and kept.placements == obj.placements
+                and kept.shape == obj.shape
+                and kept.stride() == obj.stride()
+            ):
+                kept = DTensor.from_local(
+                    local, obj.device_mesh, obj.placements, shape=obj.shape, stride=obj.stride()
+                )
+                self._dtensors[key] = (kept, local)
+            return kept
         if isinstance(obj, torch.Tensor):
             return self._copy(obj, key)
         if isinstance(obj, dict):

@@ -26,9 +26,13 @@ threads agree among themselves on a process group of their own (gloo), so their 
 never interleave with the training loop's.
 
 Checksums are CRC32C (hardware-accelerated, the ``crc32c`` package); manifests of earlier
-versions with zlib CRC32 (``"crc32"``) are still verified. Verification on load is shared so
-that every rank checksums the files it is about to read (its own shards: a rank's number is
-in their names) and the rest round-robin, which also warms the page cache for the read.
+versions with zlib CRC32 (``"crc32"``) are still verified. A save takes the checksums of
+the shards from their writers, which compute them as the bytes go to the disk; only the few
+other files are read back. Verification on load is shared so that every rank checksums the
+files it is about to read (its own shards: a rank's number is in their names) and the rest
+round-robin. Before a resume the backend reads those same files meanwhile
+(``Backend.prefetch``: DeepSpeed deserialises its files while they are checksummed, one read
+of the disk); nothing is restored until every rank's checksums and reads have succeeded.
 
 Test-only knob: the environment variable ``MIGU_CKPT_TEST_WRITE_DELAY_S`` delays the write of
 every save by that many seconds (after the snapshot), to make a crash during an asynchronous
