@@ -57,7 +57,8 @@ class Stager:
             local = self._copy(obj.to_local(), key)
             kept, wrapped = self._dtensors.get(key, (None, None))
             if not (
-                wrapped is local  # the same buffer (``_copy`` returns it)
+                kept is not None
+                and wrapped is local  # the same buffer (``_copy`` returns it)
                 and kept.device_mesh == obj.device_mesh
                 and kept.placements == obj.placements
                 and kept.shape == obj.shape

@@ -107,5 +107,5 @@ def write_durable(path: str | os.PathLike[str], data: bytes | Any) -> dict[str, 
         if isinstance(data, bytes | bytearray | memoryview):
             f.write(data)
         else:
-            torch.save(data, f)
+            torch.save(data, f)  # type: ignore[arg-type]  # a file object: write, tell, flush
         return f.close()
