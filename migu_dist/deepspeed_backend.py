@@ -343,8 +343,9 @@ class DeepSpeedBackend(Backend):
 
     def prefetch(self, directory: str, tag: str) -> tuple[Any, str | None]:
         # The files DeepSpeed's own loader reads on this rank: the shared model states of ZeRO
-        # 0-2 (mp_rank_*) and this rank's partitions (*zero_pp_rank_R_*), deserialised as it
-        # does (optimizer files to host memory, the rest where they were saved).
+        # 0-2 (mp_rank_*) and this rank's partitions (*zero_pp_rank_R_*), into host memory
+        # (DeepSpeed would put the model states back on the GPU; its load copies them there
+        # anyway, and GPU memory must not hold them while the model is being built).
         d = Path(directory, tag)
         if len(optim_files(d)) not in (0, self.world_size):
             return None, None  # another world size: load_resharded reads every rank's files
@@ -352,9 +353,8 @@ class DeepSpeedBackend(Backend):
         for p in sorted(d.glob("*.pt")):
             if not (p.name.startswith("mp_rank_") or f"pp_rank_{self.rank}_" in p.name):
                 continue
-            where = "cpu" if "optim_states" in p.name else (lambda storage, loc: storage)
             try:
-                out[os.path.normpath(p)] = torch.load(p, map_location=where, weights_only=False)
+                out[os.path.normpath(p)] = torch.load(p, map_location="cpu", weights_only=False)
             except Exception as e:  # noqa: BLE001 - damaged: reported and agreed on, not raised
                 return None, f"{p.name}: unreadable ({type(e).__name__}: {e})"
         return out, None
