@@ -34,7 +34,7 @@ class Stager:
     (the Checkpointer lets one save be in flight). From CUDA, the buffers are pinned. Dicts
     and lists are copied; other leaves (numbers, strings, dtypes) are immutable and shared.
     A DTensor's wrapper around its buffer is kept too while its mesh, placements and shape
-    stay: wrapping ~800 shards again took a third of an FSDP2 SmolLM2 stall."""
+    stay (wrapping SmolLM2's ~800 FSDP2 shards anew was 0.06 s of a profiled 0.32 s stall)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}

@@ -18,12 +18,12 @@ Asynchronous saves (``checkpoint.async_save``): ``save`` returns once every rank
 of its state in host memory (the backend's ``snapshot``); a background thread writes the
 files (checksummed on their way to the disk, ``migu_dist.durable``), fsyncs them and, once
 every rank's thread is done, writes the manifest, ``latest``, ``pinned`` and ``history`` and
-rotates, exactly as a synchronous save does. Until
-then the step directory has no manifest, so a crash (SIGKILL, preemption) during the write
-leaves the previous checkpoint as ``latest`` and the run resumes from it. One save is in flight
-at a time: the next ``save`` (and ``wait``) first waits for the previous one. The background
-threads agree among themselves on a process group of their own (gloo), so their collectives
-never interleave with the training loop's.
+rotates, exactly as a synchronous save does. Until then the step directory has no manifest,
+so a crash (SIGKILL, preemption) during the write leaves the previous checkpoint as
+``latest`` and the run resumes from it. One save is in flight at a time: the next ``save``
+(and ``wait``) first waits for the previous one. The background threads agree among
+themselves on a process group of their own (gloo), so their collectives never interleave with
+the training loop's.
 
 Checksums are CRC32C (hardware-accelerated, the ``crc32c`` package); manifests of earlier
 versions with zlib CRC32 (``"crc32"``) are still verified. A save takes the checksums of
